@@ -1,0 +1,147 @@
+"""One self-describing file per model: weights plus everything needed to use them correctly.
+
+The batch job, the evaluator and the Serve replicas all load through `load_checkpoint`, so they
+cannot disagree about preprocessing or class order. Files are read with `weights_only=True`:
+a checkpoint is data and must never be able to run code.
+"""
+
+import dataclasses
+import io
+import pickle
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import torch
+from torch import nn
+
+from emotion.models import build_model
+
+FORMAT = "emotion-ray/checkpoint"
+FORMAT_VERSION = 1
+DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "emotion_cnn_fer2013.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, unsafe or does not fit its architecture."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A model's weights and the facts every consumer needs to preprocess for it and read it."""
+
+    arch: str
+    arch_kwargs: dict[str, Any]
+    labels: tuple[str, ...]
+    input_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    state_dict: dict[str, torch.Tensor]
+    name: str = ""
+    trained_on: str = ""
+    recipe: dict[str, Any] = dataclasses.field(default_factory=dict)
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    test_time_flip: bool = True
+    num_params: int = 0
+    created: str = ""
+
+    def build(self) -> nn.Module:
+        """The network with these weights, in eval mode."""
+        model = build_model(self.arch, len(self.labels), self.channels, **self.arch_kwargs)
+        model.load_state_dict(self.state_dict)
+        return model.eval()
+
+    def describe(self) -> dict[str, Any]:
+        """Everything but the weights, as plain JSON-able values (for /models and manifests)."""
+        info = dataclasses.asdict(self)
+        del info["state_dict"]
+        info["labels"] = list(self.labels)
+        info["mean"], info["std"] = list(self.mean), list(self.std)
+        return info
+
+
+def new_checkpoint(model: nn.Module, **fields: Any) -> Checkpoint:
+    """A Checkpoint for `model` with its parameter count and creation time filled in."""
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    fields.setdefault("created", datetime.now(UTC).isoformat(timespec="seconds"))
+    fields.setdefault("num_params", sum(p.numel() for p in model.parameters()))
+    return Checkpoint(state_dict=state, **fields)
+
+
+def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> None:
+    """Write `checkpoint` to a local path or an fsspec URI (s3://...)."""
+    payload = dataclasses.asdict(checkpoint)
+    payload["labels"] = list(checkpoint.labels)
+    payload["mean"], payload["std"] = list(checkpoint.mean), list(checkpoint.std)
+    payload["format"], payload["format_version"] = FORMAT, FORMAT_VERSION
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    with fsspec.open(str(path), "wb") as f:
+        f.write(buffer.getvalue())
+
+
+def _read(path: str) -> bytes:
+    try:
+        with fsspec.open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint file") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file") from None
+    except (OSError, PermissionError) as exc:
+        raise CheckpointError(f"{path}: cannot read checkpoint: {exc}") from None
+
+
+def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
+    """Read and validate a checkpoint; `None` means the embedded default model.
+
+    Every failure is a CheckpointError naming the file and what is wrong with it, raised before
+    any work is scheduled, so a typo in `--model` costs seconds rather than a cluster job.
+    """
+    where = str(DEFAULT_CHECKPOINT if path is None else path)
+    data = _read(where)
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" in str(exc):
+            raise CheckpointError(
+                f"{where}: refused: the file holds Python objects other than tensors and plain "
+                "values, and loading it could run code"
+            ) from None
+        raise CheckpointError(f"{where}: not a readable checkpoint ({exc})") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{where}: not a readable checkpoint (truncated or corrupt: {reason})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{where}: not an emotion-ray checkpoint (no '{FORMAT}' header)")
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{where}: checkpoint format version {payload.get('format_version')} is not supported "
+            f"(this release reads version {FORMAT_VERSION})"
+        )
+    names = {f.name for f in dataclasses.fields(Checkpoint)}
+    try:
+        checkpoint = Checkpoint(
+            **{k: v for k, v in payload.items() if k in names}
+            | {
+                "labels": tuple(payload["labels"]),
+                "mean": tuple(payload["mean"]),
+                "std": tuple(payload["std"]),
+            }
+        )
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"{where}: checkpoint is missing a field ({exc})") from None
+    if len(checkpoint.mean) != checkpoint.channels or len(checkpoint.std) != checkpoint.channels:
+        raise CheckpointError(f"{where}: mean/std do not match {checkpoint.channels} channels")
+    try:
+        checkpoint.build()
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+    except (RuntimeError, TypeError) as exc:
+        reason = str(exc).splitlines()[0]
+        raise CheckpointError(
+            f"{where}: weights do not fit architecture {checkpoint.arch!r}: {reason}"
+        ) from None
+    return checkpoint

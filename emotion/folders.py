@@ -1,0 +1,115 @@
+"""Finding images in local folders and S3 prefixes, and reading labelled sets (class sub-folders)."""
+
+import os
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+import fsspec
+import pyarrow.fs
+from fsspec import AbstractFileSystem
+
+from emotion.labels import canonical_label
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+)
+
+
+def filesystem(uri: str) -> tuple[AbstractFileSystem, str]:
+    """The fsspec filesystem for `uri` and the path inside it.
+
+    S3 uses the standard AWS credential chain; S3-compatible stores are reached through
+    AWS_ENDPOINT_URL, which botocore reads itself.
+    """
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path
+
+
+def arrow_filesystem(uri: str, endpoint_url: str | None = None) -> pyarrow.fs.FileSystem | None:
+    """A pyarrow filesystem for Ray Data's readers and writers on `uri`, None for local paths.
+
+    pyarrow's own S3 client is given the endpoint explicitly, so S3-compatible stores work the
+    same for listing (s3fs) and for reading and writing (Arrow).
+    """
+    if not uri.startswith("s3://"):
+        return None
+    if not endpoint_url:
+        return pyarrow.fs.S3FileSystem()
+    scheme, _, host = endpoint_url.partition("://")
+    return pyarrow.fs.S3FileSystem(endpoint_override=host or scheme, scheme=scheme if host else "https")
+
+
+def full_uri(fs: AbstractFileSystem, path: str) -> str:
+    """A path as the user would write it: s3://bucket/key for S3, the plain path locally."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return path if protocol in ("file", "local") else f"{protocol}://{path}"
+
+
+def absolute_uri(uri: str) -> str:
+    """`uri` with a local path made absolute, since Ray workers do not share the driver's cwd."""
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+
+def is_image_name(name: str) -> bool:
+    return PurePosixPath(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def list_images(uri: str) -> list[str]:
+    """Every image file under `uri`, recursively, sorted; extensions match in any case."""
+    fs, root = filesystem(uri)
+    if not fs.exists(root):
+        raise FileNotFoundError(f"input not found: {uri}")
+    if fs.isfile(root):
+        return [full_uri(fs, root)] if is_image_name(root) else []
+    found = fs.find(root, withdirs=False)
+    return sorted(full_uri(fs, p) for p in found if is_image_name(p))
+
+
+@dataclass
+class LabelledSet:
+    """Images of a labelled set with their canonical labels; unknown classes kept apart by name."""
+
+    paths: list[str]
+    labels: list[str]
+    unknown: dict[str, list[str]]
+
+
+def list_labelled_images(uri: str) -> LabelledSet:
+    """Images in the class sub-folders of `uri`; folder names go through the alias table.
+
+    A folder whose name maps to no class (CK+'s `contempt`) is returned under `unknown`, never
+    mapped onto a neighbour, so callers can report and count what they excluded.
+    """
+    fs, root = filesystem(uri)
+    if not fs.exists(root) or not fs.isdir(root):
+        raise FileNotFoundError(f"labelled set not found: {uri}")
+    subfolders = sorted(
+        p for p in fs.ls(root, detail=False) if fs.isdir(p) and p.rstrip("/") != root.rstrip("/")
+    )
+    if not subfolders:
+        raise ValueError(f"{uri}: no class sub-folders (expected e.g. {uri}/happy/*.jpg)")
+    paths: list[str] = []
+    labels: list[str] = []
+    unknown: dict[str, list[str]] = {}
+    for folder in subfolders:
+        name = os.path.basename(folder.rstrip("/"))
+        images = sorted(full_uri(fs, p) for p in fs.find(folder) if is_image_name(p))
+        label = canonical_label(name)
+        if label is None:
+            unknown[name] = images
+            continue
+        paths.extend(images)
+        labels.extend([label] * len(images))
+    if not paths and not unknown:
+        raise ValueError(f"{uri}: the class sub-folders hold no images")
+    return LabelledSet(paths, labels, unknown)
+
+
+def read_many(paths: list[str]) -> list[bytes]:
+    """The bytes of each path, fetched concurrently for object stores."""
+    if not paths:
+        return []
+    fs, _ = filesystem(paths[0])
+    stripped = [fsspec.core.url_to_fs(p)[1] for p in paths]
+    contents = fs.cat(stripped, on_error="return")
+    return [c if isinstance(c, bytes) else b"" for c in (contents[p] for p in stripped)]

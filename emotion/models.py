@@ -1,0 +1,125 @@
+"""Architectures by name: torchvision's registry plus one compact CNN for 48x48 grayscale faces.
+
+No weights are ever fetched: every model starts from random initialisation or from one of our
+own checkpoints, because the machines this runs on may have no route to a model hub.
+"""
+
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+# The torchvision families earlier emotion APIs were built on; any other registry name works too.
+TORCHVISION_ARCHITECTURES = (
+    "mobilenet_v2",
+    "resnet18",
+    "resnet50",
+    "efficientnet_v2_s",
+    "vgg19_bn",
+    "vit_b_16",
+)
+COMPACT_ARCHITECTURE = "emotion_cnn"
+
+
+def _conv_bn(in_ch: int, out_ch: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_ch),
+        nn.ReLU(inplace=True),
+    )
+
+
+class _Stage(nn.Module):
+    """Two 3x3 convolutions with a residual path, then 2x2 pooling.
+
+    The shortcut lets a VGG-shaped network train deeper in few epochs at almost no cost in FLOPs.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, depth: int) -> None:
+        super().__init__()
+        self.entry = _conv_bn(in_ch, out_ch)
+        self.body = nn.Sequential(*[_conv_bn(out_ch, out_ch) for _ in range(depth - 1)])
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.entry(x)
+        return self.pool(x + self.body(x))
+
+
+class EmotionCNN(nn.Module):
+    """A VGG-shaped residual CNN sized for 48x48 faces: four stages, global pooling, one linear head."""
+
+    def __init__(
+        self,
+        num_classes: int = 7,
+        in_channels: int = 1,
+        widths: tuple[int, ...] = (32, 64, 128, 256),
+        depth: int = 3,
+        dropout: float = 0.3,
+    ) -> None:
+        super().__init__()
+        stages: list[nn.Module] = []
+        prev = in_channels
+        for width in widths:
+            stages.append(_Stage(prev, width, depth))
+            prev = width
+        self.features = nn.Sequential(*stages)
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(prev, num_classes)
+        )
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        # Residual branches start silent, so the untrained network is a plain VGG and early
+        # high-learning-rate steps cannot blow up the sum.
+        for stage in stages:
+            if len(stage.body):
+                nn.init.zeros_(stage.body[-1][1].weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
+    """Swap the first convolution for one taking `in_channels`, keeping every other hyper-parameter."""
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d):
+                setattr(
+                    parent,
+                    name,
+                    nn.Conv2d(
+                        in_channels,
+                        child.out_channels,
+                        child.kernel_size,
+                        stride=child.stride,
+                        padding=child.padding,
+                        dilation=child.dilation,
+                        groups=1 if child.groups == child.in_channels else child.groups,
+                        bias=child.bias is not None,
+                    ),
+                )
+                return
+    raise ValueError(f"{type(model).__name__} has no convolution to adapt to {in_channels} channels")
+
+
+def available_architectures() -> list[str]:
+    """Every name build_model accepts."""
+    return [COMPACT_ARCHITECTURE, *torchvision.models.list_models(module=torchvision.models)]
+
+
+def build_model(arch: str, num_classes: int, in_channels: int, **kwargs: Any) -> nn.Module:
+    """Randomly initialised network `arch` with `num_classes` outputs and `in_channels` inputs.
+
+    `kwargs` go to the architecture's constructor (for example `image_size` for vit_b_16, or
+    `widths` for emotion_cnn) and are stored in the checkpoint so loading rebuilds the same graph.
+    """
+    if arch == COMPACT_ARCHITECTURE:
+        return EmotionCNN(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(available_architectures())}")
+    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+    if in_channels != 3:
+        _adapt_first_conv(model, in_channels)
+    return model

@@ -1,0 +1,1 @@
+"""Command-line jobs (`python -m jobs.X`), thin adapters over the `emotion` module."""

@@ -1,0 +1,136 @@
+"""The scoring pipeline on Ray Data, shared by `jobs.score` and `jobs.evaluate`.
+
+Files are read as bytes with their paths, decoded by stateless CPU tasks, and scored by an actor
+pool that holds one `emotion.Predictor` per actor, so accelerators never wait on JPEG decoding.
+An undecodable file becomes a row with status "error"; it never fails a task.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+import ray.data
+from ray.data import ActorPoolStrategy
+
+from emotion.checkpoint import Checkpoint
+from emotion.predictor import Predictor
+from emotion.preprocess import DEFAULT_MAX_PIXELS, decode_image
+
+PROGRESS_ACTOR = "emotion-ray-progress"
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """How the pipeline is laid out on the cluster; the model itself comes from the checkpoint."""
+
+    batch_size: int = 256
+    min_actors: int = 1
+    max_actors: int = 1
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+    preprocess_cpus: float = 1.0
+    preprocess_concurrency: int | None = None
+    device: str | None = None
+    precision: str = "auto"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+def decode_batch(
+    batch: dict[str, np.ndarray], size: int, channels: int, max_pixels: int
+) -> dict[str, np.ndarray]:
+    """Bytes and paths to model-sized pixels plus per-row status, width, height and error."""
+    rows = [decode_image(bytes(data), size, channels, max_pixels) for data in batch["bytes"]]
+    pixels = np.zeros((len(rows), size, size, channels), dtype=np.uint8)
+    for i, row in enumerate(rows):
+        if row.pixels is not None:
+            pixels[i] = row.pixels
+    return {
+        "path": batch["path"],
+        "pixels": pixels,
+        "status": np.asarray(["ok" if r.error is None else "error" for r in rows], dtype=object),
+        "error": np.asarray([r.error for r in rows], dtype=object),
+        "width": np.asarray([r.width for r in rows], dtype=np.int32),
+        "height": np.asarray([r.height for r in rows], dtype=np.int32),
+    }
+
+
+@ray.remote(num_cpus=0)
+class ProgressCounter:
+    """Rows scored so far, summed across actors, for the driver's periodic log line."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+    def add(self, rows: int) -> None:
+        self.rows += rows
+
+    def total(self) -> int:
+        return self.rows
+
+
+class ScoreBatch:
+    """Actor-pool callable: one Predictor per actor, probabilities and labels per row."""
+
+    def __init__(self, checkpoint: Checkpoint, device: str | None, precision: str) -> None:
+        self.predictor = Predictor(checkpoint, device=device, precision=precision)
+        self.model_name = self.predictor.name
+        try:
+            self.progress = ray.get_actor(PROGRESS_ACTOR)
+        except ValueError:
+            self.progress = None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        labels = self.predictor.labels
+        n = len(batch["path"])
+        ok = batch["status"] == "ok"
+        probs = np.full((n, len(labels)), np.nan, dtype=np.float32)
+        if ok.any():
+            probs[ok] = self.predictor.predict_pixels(batch["pixels"][ok])
+        top = np.where(ok, np.nan_to_num(probs, nan=-1).argmax(axis=1), -1)
+        out: dict[str, Any] = {
+            "path": batch["path"],
+            "status": batch["status"],
+            "error": batch["error"],
+            "predicted_label": np.asarray([labels[t] if t >= 0 else None for t in top], dtype=object),
+            "predicted_class": top.astype(np.int16),
+            "confidence": np.where(ok, probs.max(axis=1, initial=-1), np.nan).astype(np.float32),
+        }
+        for i, label in enumerate(labels):
+            out[f"prob_{label}"] = probs[:, i]
+        out["width"], out["height"] = batch["width"], batch["height"]
+        out["model"] = np.full(n, self.model_name, dtype=object)
+        if self.progress is not None:
+            self.progress.add.remote(n)
+        return out
+
+
+def score_files(
+    paths: list[str], checkpoint: Checkpoint, config: PipelineConfig, filesystem: Any = None
+) -> ray.data.Dataset:
+    """A lazy Dataset of one prediction row per file in `paths` (nothing runs until consumed)."""
+    read_paths = [p.split("://", 1)[1] if "://" in p else p for p in paths]
+    ds = ray.data.read_binary_files(read_paths, include_paths=True, filesystem=filesystem)
+    ds = ds.map_batches(
+        decode_batch,
+        fn_kwargs={
+            "size": checkpoint.input_size,
+            "channels": checkpoint.channels,
+            "max_pixels": config.max_pixels,
+        },
+        batch_size=config.batch_size,
+        num_cpus=config.preprocess_cpus,
+        concurrency=config.preprocess_concurrency,
+    )
+    return ds.map_batches(
+        ScoreBatch,
+        fn_constructor_kwargs={
+            "checkpoint": checkpoint,
+            "device": config.device or ("cuda" if config.gpus_per_actor > 0 else None),
+            "precision": config.precision,
+        },
+        batch_size=config.batch_size,
+        compute=ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),
+        num_gpus=config.gpus_per_actor,
+        num_cpus=config.cpus_per_actor,
+    )

@@ -1,0 +1,128 @@
+"""`python -m jobs.train`: train a model on a labelled image folder with Ray Train.
+
+The same command trains on one CPU here and on several GPUs of a cluster (`--workers 4
+--use-gpu`); the result is one self-describing checkpoint file.
+"""
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import fsspec
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from emotion.checkpoint import CheckpointError, load_checkpoint
+from emotion.folders import absolute_uri, filesystem
+from emotion.models import available_architectures
+from emotion.training import CHECKPOINT_FILE, TrainConfig, train_loop_per_worker
+from jobs.conf import apply_defaults
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__)
+    parser.add_argument("--train", required=True, help="labelled folder (class sub-folders), local or s3://")
+    parser.add_argument("--validation", help="labelled validation folder; default: a stratified split of --train")
+    parser.add_argument("--output", required=True, help="checkpoint file to write, local or s3://")
+    parser.add_argument("--arch", help="architecture name (emotion_cnn or a torchvision model)")
+    parser.add_argument("--arch-kwargs", type=json.loads, default={}, help='JSON, e.g. \'{"image_size": 48}\'')
+    parser.add_argument("--input-size", type=int, default=48)
+    parser.add_argument("--channels", type=int, choices=(1, 3), default=1)
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--weight-decay", type=float)
+    parser.add_argument("--label-smoothing", type=float)
+    parser.add_argument("--class-weight-power", type=float)
+    parser.add_argument("--patience", type=int)
+    parser.add_argument("--val-fraction", type=float)
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"))
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--limit-per-class", type=int, help="train on at most N images per class (smoke runs)")
+    parser.add_argument("--workers", type=int, help="Ray Train workers (one per GPU on a GPU cluster)")
+    parser.add_argument("--use-gpu", action=argparse.BooleanOptionalAction)
+    parser.add_argument("--cpus-per-worker", type=float, help="default: all CPUs of the cluster shared out")
+    parser.add_argument("--storage", default=str(Path.home() / "ray_results"), help="Ray Train run storage")
+    parser.add_argument("--name")
+    apply_defaults(parser, "train")
+    args = parser.parse_args(argv)
+    if args.arch not in available_architectures():
+        parser.error(f"--arch {args.arch!r} is not a known architecture")
+    for flag in ("train", "validation"):
+        uri = getattr(args, flag)
+        if uri:
+            fs, path = filesystem(uri)
+            if not fs.isdir(path):
+                parser.error(f"--{flag} {uri}: no such folder")
+            setattr(args, flag, absolute_uri(uri))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = TrainConfig(
+        train=args.train,
+        validation=args.validation,
+        arch=args.arch,
+        arch_kwargs=args.arch_kwargs,
+        input_size=args.input_size,
+        channels=args.channels,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing,
+        class_weight_power=args.class_weight_power,
+        patience=args.patience,
+        val_fraction=args.val_fraction,
+        precision=args.precision,
+        seed=args.seed,
+        limit_per_class=args.limit_per_class,
+        name=args.name,
+    )
+    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    cpus = args.cpus_per_worker or max(int(ray.cluster_resources().get("CPU", 1)) // args.workers, 1)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=asdict(config),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=args.workers,
+            use_gpu=args.use_gpu,
+            resources_per_worker={"CPU": cpus, **({"GPU": 1} if args.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=config.name,
+            storage_path=args.storage,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        print("error: training reported no checkpoint", file=sys.stderr)
+        return 1
+    with result.checkpoint.as_directory() as folder:
+        source = Path(folder) / CHECKPOINT_FILE
+        with source.open("rb") as src, fsspec.open(args.output, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    try:
+        saved = load_checkpoint(args.output)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    best = saved.metrics["validation"]
+    print(
+        f"wrote {args.output}: epoch {best['epoch']}, val accuracy {best['val_accuracy']:.4f}, "
+        f"macro-F1 {best['val_macro_f1']:.4f}, {saved.num_params} parameters"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Shared fixtures: a small checkpoint built in-process, and the path to the shared data."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from emotion.checkpoint import new_checkpoint, save_checkpoint
+from emotion.labels import LABELS
+from emotion.models import build_model
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+FER2013 = SHARED_DATA / "fer2013"
+
+
+def require_fer2013() -> Path:
+    """The shared FER2013 folder, or a skip saying why the test cannot run."""
+    if not (FER2013 / "validation").is_dir():
+        pytest.skip(f"shared FER2013 data not found at {FER2013} (only present beside the CI clone)")
+    return FER2013
+
+
+def tiny_checkpoint(seed: int = 0, name: str = "tiny", **fields: object):
+    torch.manual_seed(seed)
+    model = build_model("emotion_cnn", len(LABELS), 1, widths=(8, 16), depth=2)
+    values = {
+        "arch": "emotion_cnn",
+        "arch_kwargs": {"widths": [8, 16], "depth": 2},
+        "labels": LABELS,
+        "input_size": 48,
+        "channels": 1,
+        "mean": (0.5,),
+        "std": (0.25,),
+        "name": name,
+        "trained_on": "random initialisation (tests)",
+    }
+    values.update(fields)
+    return new_checkpoint(model.eval(), **values)
+
+
+@pytest.fixture
+def tiny_checkpoint_path(tmp_path) -> Path:
+    path = tmp_path / "tiny.pt"
+    save_checkpoint(tiny_checkpoint(), path)
+    return path

@@ -1,0 +1,87 @@
+import io
+import os
+import pickle
+
+import pytest
+import torch
+
+from emotion.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint, save_checkpoint
+from emotion.labels import LABELS
+from tests.conftest import tiny_checkpoint
+
+
+def test_round_trip_keeps_every_field(tmp_path):
+    original = tiny_checkpoint(metrics={"validation": {"val_accuracy": 0.5}})
+    save_checkpoint(original, tmp_path / "m.pt")
+    loaded = load_checkpoint(tmp_path / "m.pt")
+    assert loaded.describe() == original.describe()
+    assert loaded.labels == LABELS
+    assert loaded.num_params == sum(p.numel() for p in loaded.build().parameters())
+    for key, tensor in original.state_dict.items():
+        assert torch.equal(loaded.state_dict[key], tensor)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match=r"nope\.pt: no such checkpoint file"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_truncated_file_is_refused(tmp_path):
+    save_checkpoint(tiny_checkpoint(), tmp_path / "m.pt")
+    data = (tmp_path / "m.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"cut\.pt: not a readable checkpoint"):
+        load_checkpoint(tmp_path / "cut.pt")
+
+
+def test_wrong_architecture_is_refused(tmp_path):
+    good = tiny_checkpoint()
+    wrong = tiny_checkpoint(arch="resnet18", arch_kwargs={})
+    save_checkpoint(wrong, tmp_path / "wrong.pt")
+    with pytest.raises(CheckpointError, match=r"wrong\.pt: weights do not fit architecture 'resnet18'"):
+        load_checkpoint(tmp_path / "wrong.pt")
+    unknown = tiny_checkpoint(arch="no_such_net")
+    save_checkpoint(unknown, tmp_path / "unknown.pt")
+    with pytest.raises(CheckpointError, match=r"unknown\.pt: unknown architecture 'no_such_net'"):
+        load_checkpoint(tmp_path / "unknown.pt")
+    assert good.build() is not None
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    buffer = io.BytesIO()
+    torch.save({"format": "emotion-ray/checkpoint", "payload": _RunsCode()}, buffer)
+    (tmp_path / "evil.pt").write_bytes(buffer.getvalue())
+    with pytest.raises(CheckpointError, match=r"evil\.pt: refused: .*could run code"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned").exists()
+    plain = tmp_path / "plain.pkl"
+    plain.write_bytes(pickle.dumps(_RunsCode()))
+    with pytest.raises(CheckpointError, match=r"plain\.pkl"):
+        load_checkpoint(plain)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_other_torch_files_are_not_checkpoints(tmp_path):
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match=r"other\.pt: not an emotion-ray checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_directory_is_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="is a directory|cannot read"):
+        load_checkpoint(tmp_path)
+
+
+def test_default_checkpoint_is_embedded():
+    checkpoint = load_checkpoint()
+    assert DEFAULT_CHECKPOINT.is_file()
+    assert checkpoint.labels == LABELS
+    assert checkpoint.input_size == 48 and checkpoint.channels == 1
+    validation = checkpoint.metrics["validation"]
+    assert validation["val_accuracy"] >= 0.66 and validation["val_macro_f1"] >= 0.60

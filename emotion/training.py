@@ -47,7 +47,7 @@ class TrainConfig:
     channels: int = 1
     epochs: int = 40
     batch_size: int = 128
-    lr: float = 0.1
+    lr: float = 0.05
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
     class_weight_power: float = 0.5

@@ -2,7 +2,9 @@
 
 Files are read as bytes with their paths, decoded by stateless CPU tasks, and scored by an actor
 pool that holds one `emotion.Predictor` per actor, so accelerators never wait on JPEG decoding.
-An undecodable file becomes a row with status "error"; it never fails a task.
+An undecodable file becomes a row with status "error"; it never fails a task. Decoding tasks
+reserve a different CPU share from the actors on purpose: Ray Data fuses adjacent operators with
+identical resources, which would put decoding back inside the inference actors.
 """
 
 from dataclasses import dataclass
@@ -11,6 +13,7 @@ from typing import Any
 import numpy as np
 import ray
 import ray.data
+import torch
 from ray.data import ActorPoolStrategy
 
 from emotion.checkpoint import Checkpoint
@@ -29,7 +32,8 @@ class PipelineConfig:
     max_actors: int = 1
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
-    preprocess_cpus: float = 1.0
+    threads_per_actor: int | None = None
+    preprocess_cpus: float = 0.5
     preprocess_concurrency: int | None = None
     device: str | None = None
     precision: str = "auto"
@@ -72,7 +76,13 @@ class ProgressCounter:
 class ScoreBatch:
     """Actor-pool callable: one Predictor per actor, probabilities and labels per row."""
 
-    def __init__(self, checkpoint: Checkpoint, device: str | None, precision: str) -> None:
+    def __init__(
+        self, checkpoint: Checkpoint, device: str | None, precision: str, threads: int | None
+    ) -> None:
+        # Ray pins OMP_NUM_THREADS to the actor's CPU count (1 by default); on a CPU-only node
+        # the forward pass is the bottleneck and may use more cores than the actor reserves.
+        if threads:
+            torch.set_num_threads(threads)
         self.predictor = Predictor(checkpoint, device=device, precision=precision)
         self.model_name = self.predictor.name
         try:
@@ -120,7 +130,7 @@ def score_files(
         },
         batch_size=config.batch_size,
         num_cpus=config.preprocess_cpus,
-        concurrency=config.preprocess_concurrency,
+        compute=ray.data.TaskPoolStrategy(size=config.preprocess_concurrency),
     )
     return ds.map_batches(
         ScoreBatch,
@@ -128,6 +138,7 @@ def score_files(
             "checkpoint": checkpoint,
             "device": config.device or ("cuda" if config.gpus_per_actor > 0 else None),
             "precision": config.precision,
+            "threads": config.threads_per_actor,
         },
         batch_size=config.batch_size,
         compute=ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),

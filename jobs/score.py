@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-actors", type=int, help="autoscaling pool: largest size")
     parser.add_argument("--gpus-per-actor", type=float, help="GPUs per inference actor (fractions allowed)")
     parser.add_argument("--cpus-per-actor", type=float)
+    parser.add_argument("--threads-per-actor", type=int, help="torch threads per actor (CPU inference)")
     parser.add_argument("--preprocess-cpus", type=float, help="CPUs per decoding task")
     parser.add_argument("--preprocess-tasks", type=int, help="cap on concurrent decoding tasks")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"))
@@ -85,7 +86,8 @@ def _positive(value: float | None, flag: str, allow_zero: bool = False) -> None:
 
 def plan_job(args: argparse.Namespace) -> ScoreJob:
     """Check every input before any cluster work: a bad flag costs seconds, not a job."""
-    for flag in ("batch_size", "actors", "min_actors", "max_actors", "limit", "preprocess_tasks"):
+    for flag in ("batch_size", "actors", "min_actors", "max_actors", "limit", "preprocess_tasks",
+                 "threads_per_actor"):
         _positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     _positive(args.gpus_per_actor, "--gpus-per-actor", allow_zero=True)
     _positive(args.cpus_per_actor, "--cpus-per-actor", allow_zero=True)
@@ -96,11 +98,6 @@ def plan_job(args: argparse.Namespace) -> ScoreJob:
     max_actors = args.max_actors if args.max_actors is not None else args.actors
     if min_actors > max_actors:
         raise UsageError(f"--min-actors {min_actors} is larger than --max-actors {max_actors}")
-    model_uri = absolute_uri(args.model) if args.model else str(DEFAULT_CHECKPOINT)
-    try:
-        checkpoint = load_checkpoint(model_uri)
-    except CheckpointError as exc:
-        raise UsageError(f"--model {exc}") from None
     try:
         paths = list_images(absolute_uri(args.input))
     except FileNotFoundError:
@@ -109,6 +106,11 @@ def plan_job(args: argparse.Namespace) -> ScoreJob:
         raise UsageError(f"--input {args.input}: not readable ({exc})") from None
     if not paths:
         raise UsageError(f"--input {args.input}: no image files found (looked for .jpg, .png, ...)")
+    model_uri = absolute_uri(args.model) if args.model else str(DEFAULT_CHECKPOINT)
+    try:
+        checkpoint = load_checkpoint(model_uri)
+    except CheckpointError as exc:
+        raise UsageError(f"--model {exc}") from None
     if args.limit:
         paths = paths[: args.limit]
     output = absolute_uri(args.output).rstrip("/")
@@ -130,6 +132,7 @@ def plan_job(args: argparse.Namespace) -> ScoreJob:
             max_actors=max_actors,
             gpus_per_actor=args.gpus_per_actor,
             cpus_per_actor=args.cpus_per_actor,
+            threads_per_actor=args.threads_per_actor,
             preprocess_cpus=args.preprocess_cpus,
             preprocess_concurrency=args.preprocess_tasks,
             device=args.device,
@@ -262,7 +265,7 @@ def run(job: ScoreJob) -> dict[str, Any]:
         "seconds": round(seconds, 3),
         "images_per_s": round(scored_now / seconds, 1) if seconds else None,
         "versions": {"ray": ray.__version__, "torch": torch.__version__},
-        "pipeline": vars(job.pipeline) if hasattr(job.pipeline, "__dict__") else {},
+        "pipeline": asdict(job.pipeline),
     }
     with fs.open(f"{root}/{MANIFEST}", "w") as f:
         json.dump(manifest, f, indent=2)

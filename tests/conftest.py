@@ -43,3 +43,21 @@ def tiny_checkpoint_path(tmp_path) -> Path:
     path = tmp_path / "tiny.pt"
     save_checkpoint(tiny_checkpoint(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray head with token auth, shared by the end-to-end tests of one session."""
+    from tests.services import ray_head
+
+    with ray_head() as head:
+        yield head
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto's S3 server on loopback, with the AWS variables a client needs to reach it."""
+    from tests.services import s3_server
+
+    with s3_server() as server:
+        yield server

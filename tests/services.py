@@ -1,0 +1,147 @@
+"""Real services for end-to-end tests: a local Ray head with token auth, and an S3 server (moto).
+
+The head runs with `ray start --head --block` in its own process group and its own ports and
+temp dir, so stopping it never touches another Ray instance on the machine.
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RayHead:
+    gcs_address: str
+    dashboard_url: str
+    temp_dir: str
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """Client environment as a user sets it: token auth on, this venv's tools first on PATH."""
+        env = dict(os.environ)
+        env.update(
+            RAY_AUTH_MODE="token",
+            RAY_ADDRESS=self.dashboard_url,
+            PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+            **extra,
+        )
+        return env
+
+    def submit(self, *entrypoint: str, env_vars: dict[str, str] | None = None, timeout: float = 600,
+               wait: bool = True) -> subprocess.CompletedProcess:
+        """`ray job submit --working-dir <project> -- <entrypoint>`, as the README shows."""
+        import json
+
+        command = [str(BIN / "ray"), "job", "submit", "--address", self.dashboard_url,
+                   "--working-dir", str(ROOT)]
+        if env_vars:
+            command += ["--runtime-env-json", json.dumps({"env_vars": env_vars})]
+        if not wait:
+            command.append("--no-wait")
+        command += ["--", *entrypoint]
+        return subprocess.run(command, cwd=ROOT, env=self.env(), capture_output=True, text=True,
+                              timeout=timeout)
+
+
+@contextmanager
+def ray_head(num_cpus: int = 2) -> Iterator[RayHead]:
+    ports = [free_port() for _ in range(10)]
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    command = [
+        str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+        f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
+        f"--port={ports[0]}", f"--dashboard-port={ports[1]}", "--dashboard-host=127.0.0.1",
+        f"--dashboard-agent-listen-port={ports[2]}", f"--dashboard-agent-grpc-port={ports[3]}",
+        f"--metrics-export-port={ports[4]}", f"--runtime-env-agent-port={ports[5]}",
+        f"--node-manager-port={ports[6]}", f"--object-manager-port={ports[7]}",
+        f"--ray-client-server-port={ports[8]}",
+    ]
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    log = open(Path(temp_dir) / "head.log", "w")  # noqa: SIM115 - lives as long as the head
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                               start_new_session=True)
+    head = RayHead(f"127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[1]}", temp_dir)
+    try:
+        _wait_for_job_agent(head, process)
+        yield head
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_for_job_agent(head: RayHead, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Block until the head accepts job submissions (the job agent starts after the dashboard)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"ray head exited: see {head.temp_dir}/head.log")
+        result = subprocess.run(
+            [str(BIN / "ray"), "job", "list", "--address", head.dashboard_url],
+            env=head.env(), capture_output=True, text=True,
+        )
+        if result.returncode == 0:
+            probe = head.submit("python", "-c", "print('ready')", timeout=120)
+            if probe.returncode == 0:
+                return
+        time.sleep(2)
+    raise RuntimeError("ray head did not accept jobs in time")
+
+
+@dataclass
+class S3Server:
+    endpoint_url: str
+
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+
+@contextmanager
+def s3_server() -> Iterator[S3Server]:
+    """moto's S3 protocol server on loopback, in its own process."""
+    port = free_port()
+    process = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    server = S3Server(f"http://127.0.0.1:{port}")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(server.endpoint_url, timeout=1)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    try:
+        yield server
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

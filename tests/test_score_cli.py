@@ -1,0 +1,76 @@
+"""The scoring job's command line: every bad flag or input is one line, in seconds, before Ray starts."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from emotion.checkpoint import save_checkpoint
+from tests.conftest import tiny_checkpoint
+from tests.images import jpeg
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def score(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.score", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.fixture
+def faces(tmp_path):
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(jpeg())
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--input", "/nonexistent/faces"], "error: --input /nonexistent/faces: no such folder or prefix"),
+        (["--model", "/nonexistent/model.pt"], "error: --model /nonexistent/model.pt: no such checkpoint file"),
+        (["--batch-size", "0"], "error: --batch-size must be positive, not 0"),
+        (["--gpus-per-actor", "-1"], "error: --gpus-per-actor must be zero or more, not -1.0"),
+        (["--min-actors", "3", "--max-actors", "2"], "error: --min-actors 3 is larger than --max-actors 2"),
+        (["--min-actors", "3"], "error: --min-actors and --max-actors go together"),
+    ],
+)
+def test_bad_flags_fail_fast_with_one_line(tmp_path, faces, tiny_checkpoint_path, args, message):
+    base = {"--input": str(faces), "--output": str(tmp_path / "out"), "--model": str(tiny_checkpoint_path)}
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        base[flag] = value
+    started = time.monotonic()
+    result = score(*[x for kv in base.items() for x in kv])
+    assert result.returncode == 2
+    assert result.stderr.strip() == message
+    assert time.monotonic() - started < 30
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_input_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    result = score("--input", str(tmp_path / "empty"), "--output", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(f"error: --input {tmp_path / 'empty'}: no image files found")
+
+
+def test_corrupt_model_is_named(tmp_path, faces):
+    save_checkpoint(tiny_checkpoint(), tmp_path / "m.pt")
+    data = (tmp_path / "m.pt").read_bytes()
+    (tmp_path / "m.pt").write_bytes(data[:1000])
+    result = score("--input", str(faces), "--output", str(tmp_path / "out"), "--model", str(tmp_path / "m.pt"))
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(f"error: --model {tmp_path / 'm.pt'}: not a readable checkpoint")
+
+
+def test_complete_output_is_not_replaced_without_overwrite(tmp_path, faces, tiny_checkpoint_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "_manifest.json").write_text("{}")
+    result = score("--input", str(faces), "--output", str(out), "--model", str(tiny_checkpoint_path))
+    assert result.returncode == 2
+    assert "already holds a complete run (_manifest.json); pass --overwrite" in result.stderr

@@ -1,0 +1,122 @@
+"""The scoring job end to end, driven as users drive it: `ray job submit` to a local head."""
+
+import json
+import subprocess
+import time
+
+import boto3
+import pandas as pd
+import pytest
+import s3fs
+
+from emotion.checkpoint import save_checkpoint
+from emotion.labels import LABELS
+from tests.conftest import tiny_checkpoint
+from tests.images import bad_input_corpus, jpeg
+
+pytestmark = pytest.mark.slow
+PROB_COLUMNS = [f"prob_{label}" for label in LABELS]
+SCHEMA = ["path", "status", "error", "predicted_label", "predicted_class", "confidence",
+          *PROB_COLUMNS, "width", "height", "model"]
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_checkpoint(tiny_checkpoint(name="tiny"), path)
+    return path
+
+
+def check_accounted(df: pd.DataFrame, expected: dict[str, str | None], root: str) -> None:
+    """Each expected file exactly once, errors where expected, probabilities where not."""
+    assert list(df.columns) == SCHEMA
+    assert df["path"].is_unique
+    assert sorted(df["path"]) == sorted(f"{root}/{rel}" for rel in expected)
+    for _, row in df.iterrows():
+        error = expected[row["path"][len(root) + 1:]]
+        if error is None:
+            assert row["status"] == "ok", row["path"]
+            assert row["error"] is None
+            probs = row[PROB_COLUMNS].to_numpy(dtype=float)
+            assert abs(probs.sum() - 1) < 1e-4
+            assert row["predicted_label"] == LABELS[probs.argmax()]
+            assert row["predicted_class"] == probs.argmax()
+            assert row["confidence"] == pytest.approx(probs.max())
+        else:
+            assert (row["status"], row["error"]) == ("error", error), row["path"]
+            assert pd.isna(row["confidence"]) and row["predicted_class"] == -1
+
+
+def test_bad_input_corpus_through_job_submit(ray_cluster, tmp_path, model_path):
+    expected = bad_input_corpus(tmp_path / "in")
+    out = tmp_path / "out"
+    result = ray_cluster.submit("python", "-m", "jobs.score", "--input", str(tmp_path / "in"),
+                                "--output", str(out), "--model", str(model_path))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "wrote 16 rows (11 ok, 5 error)" in result.stdout
+    df = pd.read_parquet(out)
+    check_accounted(df, expected, str(tmp_path / "in"))
+    assert df.set_index("path").loc[str(tmp_path / "in/modes/photo 4000x3000.jpg"), "width"] == 4000
+    assert df.set_index("path").loc[str(tmp_path / "in/modes/rotated.jpg"), ["width", "height"]].tolist() == [30, 60]
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["rows"] == {"total": 16, "ok": 11, "error": 5}
+    assert manifest["model"]["name"] == "tiny" and len(manifest["model"]["sha256"]) == 64
+    assert not (out / "_checkpoint").exists()
+
+
+def test_s3_input_and_output(ray_cluster, s3, tmp_path, model_path):
+    client = boto3.client("s3", endpoint_url=s3.endpoint_url, aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1")
+    client.create_bucket(Bucket="faces")
+    for i in range(12):
+        client.put_object(Bucket="faces", Key=f"in/batch {i % 3}/face{i}.JPG", Body=jpeg(seed=i))
+    client.put_object(Bucket="faces", Key="in/broken.jpg", Body=b"<html>")
+    client.put_object(Bucket="models", Key="x", Body=b"") if False else None
+    client.create_bucket(Bucket="models")
+    client.upload_file(str(model_path), "models", "tiny.pt")
+    result = ray_cluster.submit("python", "-m", "jobs.score", "--input", "s3://faces/in/",
+                                "--output", "s3://faces/preds", "--model", "s3://models/tiny.pt",
+                                env_vars=s3.env())
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    fs = s3fs.S3FileSystem(endpoint_url=s3.endpoint_url, key="testing", secret="testing")
+    manifest = json.loads(fs.cat("faces/preds/_manifest.json"))
+    assert manifest["rows"] == {"total": 13, "ok": 12, "error": 1}
+    assert manifest["model"]["uri"] == "s3://models/tiny.pt"
+    files = [f for f in fs.find("faces/preds") if f.endswith(".parquet")]
+    df = pd.concat(pd.read_parquet(fs.open(f)) for f in files)
+    expected = {f"batch {i % 3}/face{i}.JPG": None for i in range(12)} | {"broken.jpg": "not an image"}
+    check_accounted(df, expected, "faces/in")
+
+
+def test_killed_run_resumes_and_ends_with_each_path_once(ray_cluster, tmp_path, model_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3000):
+        (folder / f"f{i:05d}.jpg").write_bytes(jpeg(seed=i % 50))
+    out = tmp_path / "out"
+    args = ["python", "-m", "jobs.score", "--input", str(folder), "--output", str(out),
+            "--model", str(model_path), "--batch-size", "20"]
+    started = ray_cluster.submit(*args, wait=False)
+    job_id = started.stdout.split("Job '")[1].split("'")[0]
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list(out.glob("*.parquet"))) < 3:
+        time.sleep(0.2)
+    subprocess.run([ray_cluster_bin(), "job", "stop", job_id, "--address", ray_cluster.dashboard_url],
+                   env=ray_cluster.env(), capture_output=True, timeout=120)
+    partial = len(pd.read_parquet(out)) if list(out.glob("*.parquet")) else 0
+    assert not (out / "_manifest.json").exists()
+    assert 0 < partial < 3000, "the job was stopped midway"
+
+    result = ray_cluster.submit(*args)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["rows"] == {"total": 3000, "ok": 3000, "error": 0}
+    assert manifest["resumed_rows"] >= partial > 0
+    df = pd.read_parquet(out)
+    assert len(df) == 3000 and df["path"].is_unique
+
+
+def ray_cluster_bin() -> str:
+    from tests.services import BIN
+
+    return str(BIN / "ray")

@@ -7,6 +7,7 @@ reserve a different CPU share from the actors on purpose: Ray Data fuses adjacen
 identical resources, which would put decoding back inside the inference actors.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ class PipelineConfig:
     """How the pipeline is laid out on the cluster; the model itself comes from the checkpoint."""
 
     batch_size: int = 256
+    files_per_block: int = 1024
     min_actors: int = 1
     max_actors: int = 1
     gpus_per_actor: float = 0.0
@@ -120,7 +122,15 @@ def score_files(
 ) -> ray.data.Dataset:
     """A lazy Dataset of one prediction row per file in `paths` (nothing runs until consumed)."""
     read_paths = [p.split("://", 1)[1] if "://" in p else p for p in paths]
-    ds = ray.data.read_binary_files(read_paths, include_paths=True, filesystem=filesystem)
+    # Blocks are the unit of output files and of resumption: a stopped run redoes at most the
+    # blocks in flight, so they are kept to a bounded number of files.
+    ds = ray.data.read_binary_files(
+        read_paths,
+        include_paths=True,
+        filesystem=filesystem,
+        num_cpus=config.preprocess_cpus,
+        override_num_blocks=max(1, math.ceil(len(read_paths) / config.files_per_block)),
+    )
     ds = ds.map_batches(
         decode_batch,
         fn_kwargs={

@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="folder or s3:// prefix for Parquet and manifest")
     parser.add_argument("--model", help="checkpoint path or s3:// URI (default: the embedded model)")
     parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--files-per-block", type=int, help="files per Ray Data block (unit of resumption)")
     parser.add_argument("--actors", type=int, help="fixed number of inference actors")
     parser.add_argument("--min-actors", type=int, help="autoscaling pool: smallest size")
     parser.add_argument("--max-actors", type=int, help="autoscaling pool: largest size")
@@ -86,7 +87,7 @@ def _positive(value: float | None, flag: str, allow_zero: bool = False) -> None:
 
 def plan_job(args: argparse.Namespace) -> ScoreJob:
     """Check every input before any cluster work: a bad flag costs seconds, not a job."""
-    for flag in ("batch_size", "actors", "min_actors", "max_actors", "limit", "preprocess_tasks",
+    for flag in ("batch_size", "files_per_block", "actors", "min_actors", "max_actors", "limit", "preprocess_tasks",
                  "threads_per_actor"):
         _positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     _positive(args.gpus_per_actor, "--gpus-per-actor", allow_zero=True)
@@ -128,6 +129,7 @@ def plan_job(args: argparse.Namespace) -> ScoreJob:
         model_uri=model_uri,
         pipeline=PipelineConfig(
             batch_size=args.batch_size,
+            files_per_block=args.files_per_block,
             min_actors=min_actors,
             max_actors=max_actors,
             gpus_per_actor=args.gpus_per_actor,

@@ -74,7 +74,7 @@ def test_other_torch_files_are_not_checkpoints(tmp_path):
 
 
 def test_directory_is_refused(tmp_path):
-    with pytest.raises(CheckpointError, match="is a directory|cannot read"):
+    with pytest.raises(CheckpointError, match=r"is a directory|cannot read"):
         load_checkpoint(tmp_path)
 
 

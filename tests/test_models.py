@@ -17,7 +17,7 @@ def test_architectures_take_faces_and_give_seven_logits(arch, channels):
 
 
 def test_unknown_architecture_lists_the_known_ones():
-    with pytest.raises(ValueError, match="unknown architecture 'resnet9000'.*emotion_cnn.*resnet18"):
+    with pytest.raises(ValueError, match=r"unknown architecture 'resnet9000'.*emotion_cnn.*resnet18"):
         build_model("resnet9000", 7, 1)
 
 

@@ -36,7 +36,7 @@ def check_accounted(df: pd.DataFrame, expected: dict[str, str | None], root: str
         error = expected[row["path"][len(root) + 1:]]
         if error is None:
             assert row["status"] == "ok", row["path"]
-            assert row["error"] is None
+            assert pd.isna(row["error"])
             probs = row[PROB_COLUMNS].to_numpy(dtype=float)
             assert abs(probs.sum() - 1) < 1e-4
             assert row["predicted_label"] == LABELS[probs.argmax()]
@@ -71,7 +71,6 @@ def test_s3_input_and_output(ray_cluster, s3, tmp_path, model_path):
     for i in range(12):
         client.put_object(Bucket="faces", Key=f"in/batch {i % 3}/face{i}.JPG", Body=jpeg(seed=i))
     client.put_object(Bucket="faces", Key="in/broken.jpg", Body=b"<html>")
-    client.put_object(Bucket="models", Key="x", Body=b"") if False else None
     client.create_bucket(Bucket="models")
     client.upload_file(str(model_path), "models", "tiny.pt")
     result = ray_cluster.submit("python", "-m", "jobs.score", "--input", "s3://faces/in/",
@@ -95,11 +94,13 @@ def test_killed_run_resumes_and_ends_with_each_path_once(ray_cluster, tmp_path, 
         (folder / f"f{i:05d}.jpg").write_bytes(jpeg(seed=i % 50))
     out = tmp_path / "out"
     args = ["python", "-m", "jobs.score", "--input", str(folder), "--output", str(out),
-            "--model", str(model_path), "--batch-size", "20"]
+            "--model", str(model_path), "--batch-size", "20", "--files-per-block", "100",
+            # On a resumed run Ray Data adds a checkpoint-filter actor (1 CPU) to the 2-CPU head.
+            "--cpus-per-actor", "0.5"]
     started = ray_cluster.submit(*args, wait=False)
     job_id = started.stdout.split("Job '")[1].split("'")[0]
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and len(list(out.glob("*.parquet"))) < 3:
+    while time.monotonic() < deadline and not list(out.glob("*.parquet")):
         time.sleep(0.2)
     subprocess.run([ray_cluster_bin(), "job", "stop", job_id, "--address", ray_cluster.dashboard_url],
                    env=ray_cluster.env(), capture_output=True, timeout=120)

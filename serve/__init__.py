@@ -1,0 +1,1 @@
+"""The Ray Serve application: HTTP/JSON over `emotion.Predictor`."""

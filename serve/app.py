@@ -1,0 +1,255 @@
+"""The Ray Serve application: `serve run conf/serve.yaml`.
+
+Two deployments, each with one job. `Ingress` owns HTTP: auth, upload limits, decoding (CPU) and
+JSON. `Classifier` owns models: checkpoints are multiplexed by name across its replicas and
+concurrent requests for the same model share one forward pass through `@serve.batch`.
+"""
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+import emotion
+from emotion.checkpoint import load_checkpoint
+from emotion.predictor import Predictor
+from emotion.preprocess import decode_image
+from serve.limits import UploadLimit
+
+SERVICE = "emotion-ray"
+MODEL_HEADER = "x-emotion-model"
+MODELS_PER_REPLICA = 4
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The application's `args` in conf/serve.yaml."""
+
+    models: dict[str, str | None] = field(default_factory=lambda: {"emotion_cnn_fer2013": None})
+    default_model: str | None = None
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_files_per_request: int = 64
+    auth_token: str | None = None
+    cors_origins: list[str] = field(default_factory=list)
+    device: str | None = None
+    precision: str = "auto"
+
+    @property
+    def default(self) -> str:
+        return self.default_model or next(iter(self.models))
+
+
+# Decoding errors that mean "this is not something we can read" versus "it is an image, but broken".
+_UNSUPPORTED = {"not an image"}
+
+
+def _decode_status(error: str) -> int:
+    if error == "empty file":
+        return 422
+    return 415 if error in _UNSUPPORTED else 400
+
+
+@serve.deployment(name="Classifier")
+class Classifier:
+    """Holds up to MODELS_PER_REPLICA Predictors (least recently used are evicted) and runs
+    batched forward passes."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.loaded: set[str] = set()
+        self.batch_sizes: list[int] = []
+
+    @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
+    async def get_model(self, name: str) -> Predictor:
+        predictor = Predictor(self.settings.models[name], device=self.settings.device,
+                              precision=self.settings.precision)
+        self.loaded.add(name)
+        return predictor
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Batching knobs from `user_config`, changeable without restarting replicas."""
+        self.predict.set_max_batch_size(int(config.get("max_batch_size", 32)))
+        self.predict.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.01)))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def predict(self, images: list[np.ndarray]) -> list[list[float]]:
+        """One forward pass for every queued request of the same model (Serve splits by model id)."""
+        predictor = await self.get_model(serve.get_multiplexed_model_id())
+        self.batch_sizes.append(len(images))
+        del self.batch_sizes[:-1000]
+        probs = await asyncio.to_thread(predictor.predict_pixels, np.stack(images))
+        return probs.tolist()
+
+    async def info(self) -> dict[str, Any]:
+        predictor = await self.get_model(serve.get_multiplexed_model_id())
+        return {"device": str(predictor.device), "precision": predictor.precision,
+                "loaded_models": sorted(self.loaded), "recent_batch_sizes": self.batch_sizes[-200:]}
+
+    def check_health(self) -> None:
+        """Serve restarts a replica whose health check raises; none may hold a broken model."""
+        if self.settings.default not in self.settings.models:
+            raise RuntimeError(f"default model {self.settings.default!r} is not configured")
+
+
+def _build_api(settings: Settings) -> FastAPI:
+    api = FastAPI(
+        title=SERVICE,
+        version=emotion.__version__,
+        description="Facial emotion recognition. Upload images; get probabilities for "
+        + ", ".join(emotion.LABELS) + ".",
+    )
+    api.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)
+    if settings.cors_origins:
+        api.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "POST"], allow_headers=["*"])
+    return api
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Application builder named in conf/serve.yaml; `args` become `Settings`.
+
+    The bearer token may come from the EMOTION_API_TOKEN environment variable, so that it need
+    not be written into a config file.
+    """
+    settings = Settings(**args)
+    if not settings.auth_token and os.environ.get("EMOTION_API_TOKEN"):
+        settings = Settings(**(args | {"auth_token": os.environ["EMOTION_API_TOKEN"]}))
+    unknown = [m for m in [settings.default] if m not in settings.models]
+    if unknown:
+        raise ValueError(f"default_model {unknown[0]!r} is not one of models: {sorted(settings.models)}")
+    cards = {name: load_checkpoint(path).describe() for name, path in settings.models.items()}
+    api = _build_api(settings)
+
+    @serve.deployment(name="Ingress")
+    @serve.ingress(api)
+    class Ingress:
+        def __init__(self, classifier: DeploymentHandle) -> None:
+            self.classifier = classifier
+            self.cards = cards
+            self.specs = {name: (c["input_size"], c["channels"]) for name, c in cards.items()}
+
+        def _authorize(self, request: Request) -> None:
+            if settings.auth_token and request.headers.get("authorization") != f"Bearer {settings.auth_token}":
+                raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+        def _model(self, request: Request, model: str | None) -> str:
+            name = model or request.headers.get(MODEL_HEADER) or settings.default
+            if name not in self.cards:
+                raise HTTPException(404, f"unknown model {name!r}; available: {sorted(self.cards)}")
+            return name
+
+        async def _images(self, request: Request, many: bool) -> list[tuple[str, bytes]]:
+            content_type = request.headers.get("content-type", "")
+            if content_type.startswith("multipart/form-data"):
+                form = await request.form(max_files=settings.max_files_per_request)
+                uploads = [(k, v) for k, v in form.multi_items() if hasattr(v, "read")]
+                wanted = [u for u in uploads if u[0] in ("file", "files")] if many else \
+                    [u for u in uploads if u[0] == "file"][:1]
+                if not wanted:
+                    field_name = "files" if many else "file"
+                    raise HTTPException(422, f"no image: send multipart field '{field_name}'")
+                return [(u.filename or f"file{i}", await u.read()) for i, (_, u) in enumerate(wanted)]
+            if many:
+                raise HTTPException(422, "no images: send multipart fields 'files'")
+            body = await request.body()
+            if not body:
+                raise HTTPException(422, "no image: send multipart field 'file' or a raw image body")
+            return [("body", body)]
+
+        async def _classify(self, model: str, data: bytes) -> dict[str, Any]:
+            size, channels = self.specs[model]
+            decoded = await asyncio.to_thread(decode_image, data, size, channels)
+            if decoded.error is not None:
+                return {"status": "error", "error": decoded.error, "code": _decode_status(decoded.error)}
+            handle = self.classifier.options(multiplexed_model_id=model)
+            try:
+                probs = await handle.predict.remote(decoded.pixels)
+            except BackPressureError:
+                raise HTTPException(503, "overloaded, retry shortly", headers={"Retry-After": "1"}) from None
+            labels = self.cards[model]["labels"]
+            top = int(np.argmax(probs))
+            return {
+                "status": "ok",
+                "predicted_emotion": labels[top],
+                "predicted_class": top,
+                "confidence": probs[top],
+                "probabilities": dict(zip(labels, probs, strict=True)),
+                "model": model,
+                "width": decoded.width,
+                "height": decoded.height,
+            }
+
+        @api.get("/")
+        async def root(self) -> dict[str, Any]:
+            return {"service": SERVICE, "version": emotion.__version__, "docs": "/docs"}
+
+        @api.get("/health")
+        async def health(self) -> dict[str, Any]:
+            info = await self.classifier.options(multiplexed_model_id=settings.default).info.remote()
+            return {"status": "ok", "device": info["device"], "precision": info["precision"],
+                    "models": sorted(self.cards), "loaded_models": info["loaded_models"]}
+
+        @api.get("/models")
+        async def models(self, request: Request) -> dict[str, Any]:
+            self._authorize(request)
+            keys = ("arch", "labels", "input_size", "channels", "metrics", "trained_on", "num_params", "created")
+            return {"default": settings.default,
+                    "models": [{"name": name, **{k: card[k] for k in keys}} for name, card in self.cards.items()]}
+
+        @api.get("/stats")
+        async def stats(self, model: str | None = Query(None)) -> dict[str, Any]:
+            name = model or settings.default
+            return await self.classifier.options(multiplexed_model_id=name).info.remote()
+
+        @api.post(
+            "/predict",
+            openapi_extra={"requestBody": {"content": {
+                "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                                   "properties": {"file": {"type": "string", "format": "binary"}}}},
+                "image/*": {"schema": {"type": "string", "format": "binary"}},
+            }, "required": True}},
+        )
+        async def predict(
+            self, request: Request,
+            model: str | None = Query(None, description=f"model name (or header {MODEL_HEADER})"),
+        ) -> JSONResponse:
+            started = time.perf_counter()
+            self._authorize(request)
+            name = self._model(request, model)
+            images = await self._images(request, many=False)
+            result = await self._classify(name, images[0][1])
+            if result["status"] == "error":
+                raise HTTPException(result["code"], result["error"])
+            del result["status"]
+            result["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
+            return JSONResponse(result)
+
+        @api.post(
+            "/predict/batch",
+            openapi_extra={"requestBody": {"content": {"multipart/form-data": {"schema": {
+                "type": "object", "required": ["files"],
+                "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+            }}}, "required": True}},
+        )
+        async def predict_batch(self, request: Request, model: str | None = Query(None)) -> JSONResponse:
+            started = time.perf_counter()
+            self._authorize(request)
+            name = self._model(request, model)
+            images = await self._images(request, many=True)
+            results = await asyncio.gather(*(self._classify(name, data) for _, data in images))
+            for (filename, _), result in zip(images, results, strict=True):
+                result["filename"] = filename
+                result.pop("code", None)
+            return JSONResponse({"model": name, "results": results,
+                                 "latency_ms": round((time.perf_counter() - started) * 1000, 2)})
+
+    return Ingress.bind(Classifier.bind(settings))

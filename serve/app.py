@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
@@ -42,6 +43,7 @@ class Settings:
     cors_origins: list[str] = field(default_factory=list)
     device: str | None = None
     precision: str = "auto"
+    torch_threads: int | None = None
 
     @property
     def default(self) -> str:
@@ -65,6 +67,10 @@ class Classifier:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # Ray pins a replica's OMP_NUM_THREADS to its CPU reservation; on a CPU-only node the
+        # forward pass may use more cores than the replica reserves.
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
         self.loaded: set[str] = set()
         self.batch_sizes: list[int] = []
 

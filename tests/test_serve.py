@@ -1,6 +1,7 @@
 """The Serve application over real HTTP, deployed with `serve deploy` to a local Ray head."""
 
 import asyncio
+import copy
 import subprocess
 
 import httpx
@@ -56,6 +57,13 @@ def service(ray_cluster, tmp_path_factory):
         deployment["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1}
         deployment["ray_actor_options"] = {"num_cpus": 0.25}
     app["deployments"][1]["user_config"] = {"max_batch_size": 16, "batch_wait_timeout_s": 0.05}
+    # A second application with a tiny queue, to observe backpressure.
+    tight = copy.deepcopy(app)
+    tight.update(name="tight", route_prefix="/tight")
+    tight["args"].update(auth_token=None)
+    tight["deployments"][0].update(max_ongoing_requests=1, max_queued_requests=1)
+    tight["deployments"][1]["user_config"] = {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}
+    config["applications"].append(tight)
     deploy(ray_cluster, config, folder / "serve.yaml")
     url = f"http://127.0.0.1:{port}"
     wait_ready(url)
@@ -187,3 +195,21 @@ def test_concurrent_requests_share_forward_passes(service):
     assert asyncio.run(burst()) == [200] * 48
     stats = httpx.get(service["url"] + "/stats?model=alpha").json()
     assert max(stats["recent_batch_sizes"]) > 1
+
+
+def test_overload_is_503_with_retry_after_and_the_service_recovers(service):
+    url = service["url"] + "/tight/predict"
+    wait_ready(service["url"] + "/tight")
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*(
+                client.post(url, files={"file": ("f.jpg", jpeg(size=480, seed=i), "image/jpeg")})
+                for i in range(40)))
+
+    responses = asyncio.run(burst())
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503} and 200 in codes and 503 in codes
+    rejected = next(r for r in responses if r.status_code == 503)
+    assert rejected.headers["retry-after"] == "1"
+    assert httpx.post(url, files={"file": ("f.jpg", jpeg(), "image/jpeg")}).status_code == 200

@@ -1,0 +1,128 @@
+"""Ray Serve application against the single-image FastAPI baseline, side by side in one run.
+
+    python bench/serve.py [--seconds 15] [--concurrency 1 8 32]
+
+Starts `serve run` on conf/serve.yaml (local Ray, torch threads set to the machine's cores) and
+`uvicorn bench.baseline_app:app`, then drives each with closed-loop clients at each concurrency,
+for 48x48 faces and for 640x480 photos, and prints requests/s, p50 and p99 latency and ratios.
+"""
+
+import argparse
+import asyncio
+import io
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def photo(width: int = 640, height: int = 480) -> bytes:
+    face = Image.open(next((ROOT / "examples" / "faces" / "happy").glob("*.jpg"))).convert("RGB")
+    buffer = io.BytesIO()
+    face.resize((width, height)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+async def drive(url: str, image: bytes, concurrency: int, seconds: float) -> tuple[float, float, float, int]:
+    latencies: list[float] = []
+    failures = 0
+    deadline = time.perf_counter() + seconds
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        nonlocal failures
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            response = await client.post(url, files={"file": ("f.jpg", image, "image/jpeg")})
+            if response.status_code == 200:
+                latencies.append(time.perf_counter() - started)
+            else:
+                failures += 1
+
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    ms = np.asarray(latencies) * 1000
+    return len(latencies) / elapsed, float(np.percentile(ms, 50)), float(np.percentile(ms, 99)), failures
+
+
+def wait_for(url: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=5).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def start(command: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def stop(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    args = parser.parse_args()
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_ADDRESS="local")
+    config = yaml.safe_load((ROOT / "conf" / "serve.yaml").read_text())
+    config["http_options"] = {"host": "127.0.0.1", "port": 8000}
+    config["applications"][0]["args"]["torch_threads"] = os.cpu_count()
+    images = {"48x48 face": next((ROOT / "examples" / "faces" / "happy").glob("*.jpg")).read_bytes(),
+              "640x480 photo": photo()}
+    results: dict[tuple[str, str, int], tuple[float, float, float, int]] = {}
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=ROOT / "conf") as f:
+        yaml.safe_dump(config, f)
+        f.flush()
+        servers = {
+            "serve": (["serve", "run", f.name], "http://127.0.0.1:8000"),
+            "baseline": ([str(BIN / "uvicorn"), "bench.baseline_app:app", "--port", "8001", "--log-level", "warning"],
+                         "http://127.0.0.1:8001"),
+        }
+        for name, (command, url) in servers.items():
+            process = start(command, env)
+            try:
+                wait_for(url + ("/health" if name == "serve" else "/docs"))
+                for label, image in images.items():
+                    asyncio.run(drive(url + "/predict", image, 4, 2))
+                    for concurrency in args.concurrency:
+                        results[name, label, concurrency] = asyncio.run(
+                            drive(url + "/predict", image, concurrency, args.seconds))
+            finally:
+                stop(process)
+    print(f"{'image':<15}{'conc':>5}{'serve req/s':>13}{'p50 ms':>8}{'p99 ms':>8}"
+          f"{'base req/s':>12}{'p50 ms':>8}{'p99 ms':>8}{'req/s ratio':>13}{'p99 ratio':>11}")
+    for label in images:
+        for concurrency in args.concurrency:
+            s, b = results["serve", label, concurrency], results["baseline", label, concurrency]
+            print(f"{label:<15}{concurrency:>5}{s[0]:>13.1f}{s[1]:>8.1f}{s[2]:>8.1f}{b[0]:>12.1f}{b[1]:>8.1f}"
+                  f"{b[2]:>8.1f}{s[0] / b[0]:>12.2f}x{s[2] / b[2]:>10.2f}x"
+                  + (f"  (failures: serve {s[3]}, baseline {b[3]})" if s[3] or b[3] else ""))
+
+
+if __name__ == "__main__":
+    main()

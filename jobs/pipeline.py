@@ -8,6 +8,8 @@ identical resources, which would put decoding back inside the inference actors.
 """
 
 import math
+import resource
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,10 +78,20 @@ class ProgressCounter:
 
 
 class ScoreBatch:
-    """Actor-pool callable: one Predictor per actor, probabilities and labels per row."""
+    """Actor-pool callable: one Predictor per actor, probabilities and labels per row.
+
+    With `timing`, each row also carries its share of the batch's forward-pass time and the
+    actor's peak memory so far, which evaluation reports as measured efficiency; scoring leaves it
+    off to keep its output schema.
+    """
 
     def __init__(
-        self, checkpoint: Checkpoint, device: str | None, precision: str, threads: int | None
+        self,
+        checkpoint: Checkpoint,
+        device: str | None,
+        precision: str,
+        threads: int | None,
+        timing: bool = False,
     ) -> None:
         # Ray pins OMP_NUM_THREADS to the actor's CPU count (1 by default); on a CPU-only node
         # the forward pass is the bottleneck and may use more cores than the actor reserves.
@@ -87,6 +99,7 @@ class ScoreBatch:
             torch.set_num_threads(threads)
         self.predictor = Predictor(checkpoint, device=device, precision=precision)
         self.model_name = self.predictor.name
+        self.timing = timing
         try:
             self.progress = ray.get_actor(PROGRESS_ACTOR)
         except ValueError:
@@ -97,8 +110,10 @@ class ScoreBatch:
         n = len(batch["path"])
         ok = batch["status"] == "ok"
         probs = np.full((n, len(labels)), np.nan, dtype=np.float32)
+        started = time.perf_counter()
         if ok.any():
             probs[ok] = self.predictor.predict_pixels(batch["pixels"][ok])
+        forward_seconds = time.perf_counter() - started
         top = np.where(ok, np.nan_to_num(probs, nan=-1).argmax(axis=1), -1)
         out: dict[str, Any] = {
             "path": batch["path"],
@@ -112,15 +127,38 @@ class ScoreBatch:
             out[f"prob_{label}"] = probs[:, i]
         out["width"], out["height"] = batch["width"], batch["height"]
         out["model"] = np.full(n, self.model_name, dtype=object)
+        if self.timing:
+            out.update(self._timing_columns(ok, forward_seconds))
         if self.progress is not None:
             self.progress.add.remote(n)
         return out
 
+    def _timing_columns(self, ok: np.ndarray, forward_seconds: float) -> dict[str, np.ndarray]:
+        """Forward-pass seconds shared among the batch's decoded rows, and peak memory in bytes."""
+        share = forward_seconds / max(int(ok.sum()), 1)
+        # ru_maxrss is in kilobytes on Linux: the resident-set high-water mark of this actor.
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        device = self.predictor.device
+        gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+        return {
+            "inference_seconds": np.where(ok, share, 0.0),
+            "peak_rss_bytes": np.full(len(ok), rss, dtype=np.int64),
+            "peak_gpu_bytes": np.full(len(ok), gpu, dtype=np.int64),
+        }
+
 
 def score_files(
-    paths: list[str], checkpoint: Checkpoint, config: PipelineConfig, filesystem: Any = None
+    paths: list[str],
+    checkpoint: Checkpoint,
+    config: PipelineConfig,
+    filesystem: Any = None,
+    timing: bool = False,
 ) -> ray.data.Dataset:
-    """A lazy Dataset of one prediction row per file in `paths` (nothing runs until consumed)."""
+    """A lazy Dataset of one prediction row per file in `paths` (nothing runs until consumed).
+
+    `timing` adds the efficiency columns of `ScoreBatch` (inference_seconds, peak_rss_bytes,
+    peak_gpu_bytes).
+    """
     read_paths = [p.split("://", 1)[1] if "://" in p else p for p in paths]
     # Blocks are the unit of output files and of resumption: a stopped run redoes at most the
     # blocks in flight, so they are kept to a bounded number of files.
@@ -149,6 +187,7 @@ def score_files(
             "device": config.device or ("cuda" if config.gpus_per_actor > 0 else None),
             "precision": config.precision,
             "threads": config.threads_per_actor,
+            "timing": timing,
         },
         batch_size=config.batch_size,
         compute=ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),

@@ -1,0 +1,434 @@
+"""`python -m jobs.evaluate --input NAME=PATH_OR_S3 ... --output PATH_OR_S3`: metrics and a report per set.
+
+Each input is a labelled set (one sub-folder per class). Its images go through the scoring
+pipeline (`jobs.pipeline.score_files`), so evaluation sees exactly what batch scoring produces; the
+per-image predictions, joined with the folder's class, are kept as Parquet under
+`<output>/predictions/<NAME>/`. `report.json` (schema in docs/evaluation.md) and a self-contained
+`report.html` sit beside them. With `--history` and `--baseline` the run is compared with the
+previous night and a pinned baseline, and exits 1 when accuracy or macro-F1 drops by more than
+`--tolerance`. Bad flags and empty sets fail with exit 2 before Ray starts.
+"""
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import ray.data
+import torch
+
+from emotion.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, CheckpointError, load_checkpoint
+from emotion.folders import (
+    absolute_uri,
+    arrow_filesystem,
+    filesystem,
+    list_labelled_images,
+    read_many,
+)
+from emotion.history import (
+    append_history,
+    compare,
+    gate_failures,
+    history_entry,
+    read_history,
+    read_reference,
+)
+from emotion.labels import canonical_label
+from emotion.metrics import classification_metrics
+from emotion.report import render_html, thumbnail
+from jobs.conf import CONF_DIR, apply_defaults
+from jobs.pipeline import PipelineConfig, score_files
+from jobs.score import UsageError, sha256_of
+
+log = logging.getLogger("jobs.evaluate")
+SCHEMA_VERSION = 1
+REPORT_JSON = "report.json"
+REPORT_HTML = "report.html"
+_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_TIMING_COLUMNS = ("inference_seconds", "peak_rss_bytes", "peak_gpu_bytes")
+
+
+@dataclass(frozen=True)
+class LabelledInput:
+    """One set to evaluate: every image with its folder and its class id in the model's labels
+    (-1 for a folder that names no class the model knows)."""
+
+    name: str
+    uri: str
+    paths: list[str]
+    folders: list[str]
+    classes: list[int]
+
+
+@dataclass(frozen=True)
+class EvaluateJob:
+    """A validated evaluation run; everything here was checked before Ray starts."""
+
+    run_id: str
+    sets: list[LabelledInput]
+    output: str
+    checkpoint: Checkpoint
+    model_uri: str
+    pipeline: PipelineConfig
+    history: str | None
+    previous: dict[str, Any] | None
+    baseline_uri: str | None
+    baseline: dict[str, Any] | None
+    tolerance: float
+    gallery: int
+    bins: int
+    endpoint_url: str | None
+
+
+class _InputList(argparse.Action):
+    """Repeated --input flags; given on the command line they replace the config's list rather
+    than adding to it, so one set can be evaluated with the nightly config's other settings."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        current = getattr(namespace, self.dest)
+        items = [] if current is None or current is self.default else list(current)
+        setattr(namespace, self.dest, [*items, values])
+
+
+def build_parser(conf: str = "evaluate") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--conf", default=conf, help="conf/<CONF>.yaml layered over conf/evaluate.yaml")
+    parser.add_argument("--input", action=_InputList, metavar="NAME=PATH_OR_S3",
+                        help="a labelled set: class sub-folders under a folder or s3:// prefix (repeatable)")
+    parser.add_argument("--output", help="folder or s3:// prefix for the report; {run_id} is replaced")
+    parser.add_argument("--model", help="checkpoint path or s3:// URI (default: the embedded model)")
+    parser.add_argument("--history", help="stable prefix holding history.jsonl, one line per run")
+    parser.add_argument("--baseline", help="pinned report.json (or history line) to compare with")
+    parser.add_argument("--tolerance", type=float, help="largest allowed drop of accuracy or macro-F1 (0.01 = 1 pt)")
+    parser.add_argument("--gallery", type=int, help="most confident mistakes shown per set")
+    parser.add_argument("--bins", type=int, help="confidence bins for calibration (ECE, reliability diagram)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--actors", type=int, help="inference actors")
+    parser.add_argument("--gpus-per-actor", type=float)
+    parser.add_argument("--cpus-per-actor", type=float)
+    parser.add_argument("--threads-per-actor", type=int, help="torch threads per actor (CPU inference)")
+    parser.add_argument("--preprocess-cpus", type=float, help="CPUs per decoding task")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"))
+    parser.add_argument("--device", help="torch device for inference (default: cuda when given GPUs)")
+    parser.add_argument("--endpoint-url", help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
+    apply_defaults(parser, "evaluate")
+    if conf != "evaluate":
+        if not (CONF_DIR / f"{conf}.yaml").is_file():
+            parser.error(f"--conf {conf}: no such file {CONF_DIR / conf}.yaml")
+        apply_defaults(parser, conf)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """Read --conf first, since it decides which YAML supplies the other flags' defaults."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--conf", default="evaluate")
+    conf = first.parse_known_args(argv)[0].conf
+    parser = build_parser(conf)
+    return parser, parser.parse_args(argv)
+
+
+def _split_input(spec: str) -> tuple[str, str]:
+    name, sep, uri = spec.partition("=")
+    if not sep or not uri or not _SET_NAME.match(name):
+        raise UsageError(f"--input {spec}: expected NAME=PATH_OR_S3 with NAME of letters, digits, '_', '-', '.'")
+    return name, uri
+
+
+def read_labelled_input(spec: str, labels: tuple[str, ...]) -> LabelledInput:
+    """A set's images with class ids in the model's label order; fails when nothing can be scored.
+
+    A folder counts as known when its alias maps onto one of the model's labels, or when it spells
+    one exactly (a model trained with an extra class); anything else stays unknown under its name.
+    """
+    name, raw = _split_input(spec)
+    uri = absolute_uri(raw).rstrip("/")
+    try:
+        found = list_labelled_images(uri)
+    except FileNotFoundError:
+        raise UsageError(f"--input {spec}: no such folder or prefix") from None
+    except ValueError as exc:
+        raise UsageError(f"--input {name}={exc}") from None
+    except PermissionError as exc:
+        raise UsageError(f"--input {spec}: not readable ({exc})") from None
+    root = _stripped(uri) + "/"
+    by_folder: dict[str, list[str]] = dict(found.unknown)
+    for path in found.paths:
+        # Images may sit deeper than the class folder; the first component below the root names it.
+        by_folder.setdefault(_stripped(path).removeprefix(root).split("/")[0], []).append(path)
+    paths, folders, classes = [], [], []
+    for folder, images in sorted(by_folder.items()):
+        label = canonical_label(folder) or folder.strip().lower()
+        class_id = labels.index(label) if label in labels else -1
+        paths += images
+        folders += [folder] * len(images)
+        classes += [class_id] * len(images)
+    if not any(c >= 0 for c in classes):
+        known = ", ".join(sorted(by_folder)) or "none"
+        raise UsageError(f"--input {spec}: no images in a sub-folder naming a class the model knows "
+                         f"(sub-folders with images: {known})")
+    return LabelledInput(name, uri, paths, folders, classes)
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    for flag in ("batch_size", "actors", "gallery", "bins", "threads_per_actor"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0 and not (flag == "gallery" and value == 0):
+            raise UsageError(f"--{flag.replace('_', '-')} must be positive, not {value}")
+    for flag in ("tolerance", "gpus_per_actor", "cpus_per_actor", "preprocess_cpus"):
+        value = getattr(args, flag)
+        if value is not None and value < 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be zero or more, not {value}")
+
+
+def plan_job(args: argparse.Namespace, run_id: str) -> EvaluateJob:
+    """Check every input, the model, the output, the history and the baseline before any work."""
+    _check_counts(args)
+    if not args.input:
+        raise UsageError("--input NAME=PATH_OR_S3 is required (at least one labelled set)")
+    if not args.output:
+        raise UsageError("--output is required")
+    model_uri = absolute_uri(args.model) if args.model else str(DEFAULT_CHECKPOINT)
+    try:
+        checkpoint = load_checkpoint(model_uri)
+    except CheckpointError as exc:
+        raise UsageError(f"--model {exc}") from None
+    sets = [read_labelled_input(spec, checkpoint.labels) for spec in args.input]
+    names = [s.name for s in sets]
+    if len(set(names)) != len(names):
+        raise UsageError(f"--input: set names must be unique, got {', '.join(names)}")
+    output = absolute_uri(args.output.replace("{run_id}", run_id)).rstrip("/")
+    fs, root = filesystem(output)
+    if fs.exists(f"{root}/{REPORT_JSON}") and not args.overwrite:
+        raise UsageError(f"--output {output} already holds a report; pass --overwrite to replace it")
+    history = absolute_uri(args.history).rstrip("/") if args.history else None
+    try:
+        previous = read_history(history)[-1:] if history else []
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--history {args.history}: unreadable history ({exc})") from None
+    baseline_uri = absolute_uri(args.baseline) if args.baseline else None
+    try:
+        baseline = read_reference(baseline_uri) if baseline_uri else None
+    except FileNotFoundError:
+        raise UsageError(f"--baseline {args.baseline}: no such file") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--baseline {args.baseline}: {exc}") from None
+    return EvaluateJob(
+        run_id=run_id,
+        sets=sets,
+        output=output,
+        checkpoint=checkpoint,
+        model_uri=model_uri,
+        pipeline=PipelineConfig(
+            batch_size=args.batch_size,
+            min_actors=args.actors,
+            max_actors=args.actors,
+            gpus_per_actor=args.gpus_per_actor,
+            cpus_per_actor=args.cpus_per_actor,
+            threads_per_actor=args.threads_per_actor,
+            preprocess_cpus=args.preprocess_cpus,
+            device=args.device,
+            precision=args.precision,
+        ),
+        history=history,
+        previous=previous[0] if previous else None,
+        baseline_uri=baseline_uri,
+        baseline=baseline,
+        tolerance=args.tolerance,
+        gallery=args.gallery,
+        bins=args.bins,
+        endpoint_url=args.endpoint_url,
+    )
+
+
+def _stripped(uri: str) -> str:
+    """A path as Ray Data's reader reports it: without the s3:// scheme."""
+    return uri.split("://", 1)[1] if "://" in uri else uri
+
+
+def score_set(job: EvaluateJob, labelled: LabelledInput) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Predictions for every image of the set joined with its folder and class, and the
+    efficiency measured while producing them."""
+    started = time.monotonic()
+    ds = score_files(labelled.paths, job.checkpoint, job.pipeline,
+                     arrow_filesystem(labelled.uri, job.endpoint_url), timing=True)
+    df = ds.to_pandas()
+    seconds = time.monotonic() - started
+    truth = pd.DataFrame({
+        "path": [_stripped(p) for p in labelled.paths],
+        "uri": labelled.paths,
+        "folder": labelled.folders,
+        "true_class": np.asarray(labelled.classes, dtype=np.int16),
+    })
+    if len(df) != len(truth) or set(df["path"]) != set(truth["path"]):
+        raise RuntimeError(f"set {labelled.name}: the pipeline returned {len(df)} rows for {len(truth)} images")
+    df = truth.merge(df, on="path", validate="one_to_one").sort_values("path", ignore_index=True)
+    labels = job.checkpoint.labels
+    df.insert(3, "true_label", [labels[c] if c >= 0 else None for c in df["true_class"]])
+    ok = int((df["status"] == "ok").sum())
+    fs, path = filesystem(job.model_uri)
+    peak_gpu = int(df["peak_gpu_bytes"].max())
+    efficiency = {
+        "images": len(df),
+        "seconds": round(seconds, 3),
+        "images_per_s": round(len(df) / seconds, 2) if seconds else None,
+        "mean_inference_ms": float(df["inference_seconds"].sum() / ok * 1000) if ok else None,
+        "peak_rss_mb": round(float(df["peak_rss_bytes"].max()) / 2**20, 1),
+        "peak_gpu_mb": round(peak_gpu / 2**20, 1) if peak_gpu else None,
+        "model_bytes": int(fs.size(path)),
+        "num_params": job.checkpoint.num_params,
+    }
+    return df.drop(columns=list(_TIMING_COLUMNS)), efficiency
+
+
+def write_predictions(df: pd.DataFrame, uri: str) -> None:
+    fs, path = filesystem(uri)
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(f"{path}/predictions.parquet", "wb") as f:
+        pq.write_table(pa.Table.from_pandas(df.drop(columns=["uri"]), preserve_index=False), f)
+
+
+def set_result(job: EvaluateJob, labelled: LabelledInput, df: pd.DataFrame, efficiency: dict[str, Any],
+               predictions: str) -> dict[str, Any]:
+    """One set's entry of report.json: counts, exclusions, metrics, errors, efficiency, mistakes."""
+    labels = job.checkpoint.labels
+    ok, known = df["status"] == "ok", df["true_class"] >= 0
+    scored = df[ok & known]
+    probs = scored[[f"prob_{label}" for label in labels]].to_numpy(dtype=float)
+    metrics = classification_metrics(scored["true_class"].to_numpy(), scored["predicted_class"].to_numpy(),
+                                     probs, labels, job.bins)
+    unknown = {
+        folder: {
+            "n_images": len(rows),
+            "n_errors": int((rows["status"] != "ok").sum()),
+            "predicted": {label: int((rows["predicted_label"] == label).sum()) for label in labels},
+        }
+        for folder, rows in df[~known].groupby("folder")
+    }
+    errors = df[~ok]
+    wrong = scored[scored["predicted_class"] != scored["true_class"]]
+    mistakes = wrong.sort_values(["confidence", "path"], ascending=[False, True]).head(job.gallery)
+    return {
+        "name": labelled.name,
+        "input": labelled.uri,
+        "predictions": predictions,
+        "n_images": len(df),
+        "n_errors": len(errors),
+        "n_excluded_unknown": int((~known).sum()),
+        **metrics,
+        "unknown_classes": unknown,
+        "errors": [{"path": p, "error": e} for p, e in zip(errors["uri"], errors["error"], strict=True)],
+        "efficiency": efficiency,
+        "most_confident_mistakes": [
+            {"path": r.uri, "true_label": r.true_label, "predicted_label": r.predicted_label,
+             "confidence": float(r.confidence)}
+            for r in mistakes.itertuples()
+        ],
+    }
+
+
+def _with_thumbnails(mistakes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    images = read_many([m["path"] for m in mistakes])
+    return [m | {"thumbnail": thumbnail(data)} for m, data in zip(mistakes, images, strict=True)]
+
+
+def gate(job: EvaluateJob, sets: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The comparison block and the verdict of report.json."""
+    comparisons = {
+        "previous": compare(sets, job.previous["sets"] if job.previous else None),
+        "baseline": compare(sets, job.baseline["sets"] if job.baseline else None),
+    }
+    comparison = comparisons | {
+        "previous_run": job.previous["run"] if job.previous else None,
+        "baseline_uri": job.baseline_uri,
+    }
+    failures = gate_failures(comparisons, job.tolerance)
+    return comparison, {"tolerance": job.tolerance, "passed": not failures, "failures": failures}
+
+
+def run(job: EvaluateJob, started_at: datetime) -> dict[str, Any]:
+    """Score and measure every set, write predictions, report.json, report.html and history."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = sys.stderr.isatty()
+    started = time.monotonic()
+    sets: dict[str, dict[str, Any]] = {}
+    for labelled in job.sets:
+        log.info("evaluating %s: %d images from %s", labelled.name, len(labelled.paths), labelled.uri)
+        df, efficiency = score_set(job, labelled)
+        predictions = f"{job.output}/predictions/{labelled.name}"
+        write_predictions(df, predictions)
+        sets[labelled.name] = set_result(job, labelled, df, efficiency, predictions)
+    comparison, verdict = gate(job, sets)
+    fs, path = filesystem(job.model_uri)
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "run": {
+            "id": job.run_id,
+            "started": started_at.isoformat(timespec="seconds"),
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+            "seconds": round(time.monotonic() - started, 3),
+            "output": job.output,
+            "history": job.history,
+            "versions": {"ray": ray.__version__, "torch": torch.__version__},
+            "pipeline": asdict(job.pipeline),
+        },
+        "model": job.checkpoint.describe() | {
+            "uri": job.model_uri, "sha256": sha256_of(job.model_uri), "bytes": int(fs.size(path)),
+        },
+        "sets": sets,
+        "comparison": comparison,
+        "gate": verdict,
+    }
+    out_fs, root = filesystem(job.output)
+    out_fs.makedirs(root, exist_ok=True)
+    with out_fs.open(f"{root}/{REPORT_JSON}", "w") as f:
+        json.dump(report, f, indent=2)
+    mistakes = {name: _with_thumbnails(r["most_confident_mistakes"]) for name, r in sets.items()}
+    with out_fs.open(f"{root}/{REPORT_HTML}", "w") as f:
+        f.write(render_html(report, mistakes))
+    if job.history:
+        append_history(job.history, history_entry(report, f"{job.output}/{REPORT_JSON}"))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    parser, args = parse_args(argv)
+    if args.endpoint_url:
+        os.environ["AWS_ENDPOINT_URL"] = args.endpoint_url
+    args.endpoint_url = args.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+    started_at = datetime.now(UTC)
+    try:
+        job = plan_job(args, started_at.strftime("%Y%m%dT%H%M%SZ"))
+    except UsageError as exc:
+        parser.exit(2, f"error: {exc}\n")
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING)
+    report = run(job, started_at)
+    for name, r in report["sets"].items():
+        accuracy = "n/a" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
+        macro = "n/a" if r["macro_f1"] is None else f"{r['macro_f1']:.4f}"
+        print(f"{name}: accuracy {accuracy}, macro-F1 {macro} on {r['n_evaluated']} of {r['n_images']} images "
+              f"({r['n_errors']} unreadable, {r['n_excluded_unknown']} of unknown classes)")
+    print(f"report: {job.output}/{REPORT_HTML}")
+    for failure in report["gate"]["failures"]:
+        print(f"REGRESSION: {failure['message']}", file=sys.stderr)
+    return 0 if report["gate"]["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

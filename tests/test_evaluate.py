@@ -1,0 +1,330 @@
+"""The evaluation job: metrics recomputed from its own Parquet, label handling, the gate, the HTML.
+
+Samples are small slices of the shared FER2013 validation set. The model is a tiny random CNN
+whose head is fitted to other FER2013 images, so its predictions spread over the classes; the
+"worse" model is the same one forced to answer a class the CK+-like set does not contain.
+"""
+
+import dataclasses
+import io
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import ray
+import torch
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+
+from emotion.checkpoint import Checkpoint, save_checkpoint
+from emotion.labels import LABELS
+from emotion.predictor import Predictor
+from emotion.preprocess import normalize
+from jobs import evaluate
+from tests.conftest import require_fer2013, tiny_checkpoint
+from tests.images import jpeg
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+FER_COUNTS = {"angry": 8, "disgust": 3, "fear": 6, "happy": 12, "neutral": 10, "sad": 8, "surprise": 6}
+# CK+-style folder names for four classes; neutral, fear and disgust are absent, contempt unknown.
+CK_FOLDERS = {"anger": "angry", "happiness": "happy", "surprised": "surprise", "sadness": "sad"}
+CK_PER_CLASS, CONTEMPT = 6, 4
+
+
+def copy_images(source: Path, target: Path, count: int, skip: int = 0) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for image in sorted(source.glob("*.jpg"))[skip: skip + count]:
+        shutil.copy(image, target / image.name)
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory) -> dict[str, Path]:
+    validation = require_fer2013() / "validation"
+    root = tmp_path_factory.mktemp("sets")
+    for label, count in FER_COUNTS.items():
+        copy_images(validation / label, root / "fer" / label, count)
+    for folder, label in CK_FOLDERS.items():
+        copy_images(validation / label, root / "ck" / folder, CK_PER_CLASS, skip=20)
+    copy_images(validation / "fear", root / "ck" / "contempt", CONTEMPT, skip=20)
+    (root / "ck" / "anger" / "broken.jpg").write_bytes(b"this is not a picture")
+    (root / "ck" / "happiness" / "notes.txt").write_text("not an image: ignored")
+    return {"fer": root / "fer", "ck": root / "ck"}
+
+
+def probed_checkpoint(seed: int, per_class: int = 30) -> Checkpoint:
+    """A tiny random CNN whose linear head is fitted (logistic regression) on images outside the samples."""
+    validation = require_fer2013() / "validation"
+    checkpoint = tiny_checkpoint(seed=seed, name=f"probe-{seed}")
+    predictor = Predictor(checkpoint, device="cpu", precision="fp32")
+    pixels, classes = [], []
+    for i, label in enumerate(LABELS):
+        for image in sorted((validation / label).glob("*.jpg"))[-per_class:]:
+            pixels.append(predictor.decode(image.read_bytes()).pixels)
+            classes.append(i)
+    batch = torch.from_numpy(normalize(np.stack(pixels), checkpoint.mean, checkpoint.std))
+    with torch.inference_mode():
+        features = predictor.model.head[:2](predictor.model.features(batch)).numpy()
+    head = LogisticRegression(C=100, max_iter=5000).fit(features, classes)
+    state = dict(checkpoint.state_dict)
+    state["head.3.weight"] = torch.tensor(head.coef_, dtype=torch.float32)
+    state["head.3.bias"] = torch.tensor(head.intercept_, dtype=torch.float32)
+    return dataclasses.replace(checkpoint, state_dict=state)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("models")
+    probe = probed_checkpoint(seed=0)
+    state = dict(probe.state_dict)
+    state["head.3.bias"] = state["head.3.bias"] + 100 * torch.eye(len(LABELS))[LABELS.index("neutral")]
+    worse = dataclasses.replace(probe, state_dict=state, name="always-neutral")
+    paths = {"probe": folder / "probe.pt", "worse": folder / "worse.pt"}
+    save_checkpoint(probe, paths["probe"])
+    save_checkpoint(worse, paths["worse"])
+    return paths
+
+
+def files_on_disk(folder: Path) -> set[str]:
+    return {str(p) for p in folder.rglob("*.jpg")}
+
+
+def ece(confidence: np.ndarray, correct: np.ndarray, n_bins: int) -> float:
+    """Expected calibration error written out with a loop over (lower, upper] bins."""
+    total = 0.0
+    for b in range(n_bins):
+        lower, upper = b / n_bins, (b + 1) / n_bins
+        members = (confidence > lower) & (confidence <= upper) if b else confidence <= upper
+        if members.any():
+            total += members.sum() * abs(correct[members].mean() - confidence[members].mean())
+    return total / len(confidence)
+
+
+def expected_truth(path: str) -> str | None:
+    folder = Path(path).parent.name
+    return CK_FOLDERS.get(folder, folder if folder in LABELS else None)
+
+
+# ---------------------------------------------------------------- fail fast, before Ray starts
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jobs.evaluate", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        ("missing", "no such folder or prefix"),
+        ("flat", "no class sub-folders"),
+        ("empty", "the class sub-folders hold no images"),
+        ("only_unknown", "naming a class the model knows (sub-folders with images: contempt)"),
+        ("no_name", "expected NAME=PATH_OR_S3"),
+    ],
+)
+def test_unusable_set_fails_at_once_with_one_line(tmp_path, tiny_checkpoint_path, layout, message):
+    folder = tmp_path / "set"
+    if layout == "flat":
+        folder.mkdir()
+        (folder / "a.jpg").write_bytes(jpeg())
+    elif layout == "empty":
+        (folder / "happy").mkdir(parents=True)
+        (folder / "happy" / "notes.txt").write_text("no images")
+    elif layout == "only_unknown":
+        (folder / "contempt").mkdir(parents=True)
+        (folder / "contempt" / "a.jpg").write_bytes(jpeg())
+    spec = str(folder) if layout == "no_name" else f"ck={folder}"
+    started = time.monotonic()
+    result = run_cli("--input", spec, "--output", str(tmp_path / "out"), "--model", str(tiny_checkpoint_path))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --input {'' if layout == 'no_name' else 'ck='}")
+    assert message in lines[0]
+    assert "Ray" not in result.stdout + result.stderr
+    assert not (tmp_path / "out").exists()
+    assert time.monotonic() - started < 60
+
+
+def test_missing_baseline_fails_before_any_work(tmp_path, tiny_checkpoint_path):
+    (tmp_path / "set" / "happy").mkdir(parents=True)
+    (tmp_path / "set" / "happy" / "a.jpg").write_bytes(jpeg())
+    result = run_cli("--input", f"s={tmp_path / 'set'}", "--output", str(tmp_path / "out"),
+                     "--model", str(tiny_checkpoint_path), "--baseline", str(tmp_path / "nope.json"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: --baseline {tmp_path / 'nope.json'}: no such file"
+
+
+# ---------------------------------------------------------------- in-process runs on a local Ray
+
+
+@pytest.fixture(scope="class")
+def local_ray():
+    """Ray for the tests of one class only, so it is down before the job-submit test starts its head."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="class")
+def first(local_ray, sets, models, tmp_path_factory) -> dict[str, Path]:
+    """One evaluation of both sets with the probe model, which also starts the history."""
+    root = tmp_path_factory.mktemp("eval")
+    code = evaluate.main(["--input", f"fer={sets['fer']}", "--input", f"ck={sets['ck']}",
+                          "--output", str(root / "run1"), "--model", str(models["probe"]),
+                          "--history", str(root / "history"), "--batch-size", "16"])
+    assert code == 0
+    return {"out": root / "run1", "history": root / "history", "root": root}
+
+
+def read_report(out: Path) -> dict:
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.mark.slow
+class TestEvaluation:
+    def test_counts_unknown_absent_and_unreadable(self, first, sets):
+        report = read_report(first["out"])
+        ck, fer = report["sets"]["ck"], report["sets"]["fer"]
+        assert fer["n_images"] == sum(FER_COUNTS.values()) and fer["n_errors"] == 0
+        assert fer["absent_classes"] == [] and fer["unknown_classes"] == {}
+        assert ck["n_images"] == 4 * CK_PER_CLASS + CONTEMPT + 1
+        assert ck["n_errors"] == 1
+        assert ck["errors"] == [{"path": str(sets["ck"] / "anger" / "broken.jpg"), "error": "not an image"}]
+        assert ck["n_excluded_unknown"] == CONTEMPT
+        assert list(ck["unknown_classes"]) == ["contempt"]
+        assert ck["unknown_classes"]["contempt"]["n_images"] == CONTEMPT
+        assert sum(ck["unknown_classes"]["contempt"]["predicted"].values()) == CONTEMPT
+        assert ck["absent_classes"] == ["disgust", "fear", "neutral"]
+        assert ck["n_evaluated"] == 4 * CK_PER_CLASS
+        assert ck["confusion_matrix"]["normalized"][LABELS.index("neutral")] is None
+        assert ck["per_class"]["neutral"]["support"] == 0 and ck["per_class"]["neutral"]["recall"] is None
+        assert ck["labels"] == list(LABELS)
+        for result in (ck, fer):
+            eff = result["efficiency"]
+            assert eff["images"] == result["n_images"] and eff["seconds"] > 0
+            assert eff["images_per_s"] == pytest.approx(result["n_images"] / eff["seconds"], rel=0.01)
+            assert 0 < eff["mean_inference_ms"] < eff["seconds"] * 1000 / result["n_evaluated"]
+            assert eff["peak_rss_mb"] > 50
+            assert eff["model_bytes"] == Path(report["model"]["uri"]).stat().st_size
+
+    def test_every_metric_matches_sklearn_on_the_parquet(self, first, sets):
+        report = read_report(first["out"])
+        for name in ("fer", "ck"):
+            result = report["sets"][name]
+            df = pd.read_parquet(first["out"] / "predictions" / name)
+            assert set(df["path"]) == files_on_disk(sets[name])
+            truth = df["path"].map(expected_truth)
+            scored = df[(df["status"] == "ok") & truth.notna()]
+            y_true = np.array([LABELS.index(t) for t in truth[scored.index]])
+            probs = scored[[f"prob_{label}" for label in LABELS]].to_numpy(float)
+            y_pred = probs.argmax(axis=1)
+            present = sorted(set(y_true))
+            ids = list(range(len(LABELS)))
+            assert len(set(y_pred)) > 2, "the probe model should spread its answers"
+            assert result["n_evaluated"] == len(scored)
+            assert result["accuracy"] == pytest.approx(np.mean(y_true == y_pred))
+            assert result["micro_f1"] == pytest.approx(f1_score(y_true, y_pred, labels=ids, average="micro"))
+            assert result["macro_f1"] == pytest.approx(
+                f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0))
+            assert result["weighted_f1"] == pytest.approx(
+                f1_score(y_true, y_pred, labels=present, average="weighted", zero_division=0))
+            p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=ids, zero_division=np.nan)
+            for i, label in enumerate(LABELS):
+                got = result["per_class"][label]
+                assert got["support"] == s[i]
+                for key, value in (("precision", p[i]), ("recall", r[i]), ("f1", f[i])):
+                    assert got[key] == (None if np.isnan(value) else pytest.approx(value)), (name, label, key)
+            counts = confusion_matrix(y_true, y_pred, labels=ids)
+            assert result["confusion_matrix"]["counts"] == counts.tolist()
+            for row, got in zip(counts, result["confusion_matrix"]["normalized"], strict=True):
+                assert got == (pytest.approx(row / row.sum()) if row.sum() else None)
+            top2 = np.argsort(-probs, axis=1)[:, :2]
+            assert result["top2_accuracy"] == pytest.approx(np.mean([t in row for t, row in zip(y_true, top2,
+                                                                                                strict=True)]))
+            assert result["ece"] == pytest.approx(ece(probs.max(axis=1), y_true == y_pred, 15))
+            mistakes = result["most_confident_mistakes"]
+            wrong_conf = np.sort(probs.max(axis=1)[y_true != y_pred])[::-1]
+            assert [m["confidence"] for m in mistakes] == pytest.approx(wrong_conf[: len(mistakes)].tolist())
+
+    def test_gate_passes_on_the_same_model_and_trips_on_a_worse_one(self, first, models, sets, capsys):
+        root, history = first["root"], first["history"]
+        baseline = first["out"] / "report.json"
+        args = ["--input", f"fer={sets['fer']}", "--input", f"ck={sets['ck']}", "--history", str(history),
+                "--baseline", str(baseline), "--tolerance", "0.01", "--batch-size", "16"]
+        assert evaluate.main([*args, "--output", str(root / "run2"), "--model", str(models["probe"])]) == 0
+        same = read_report(root / "run2")
+        assert same["gate"] == {"tolerance": 0.01, "passed": True, "failures": []}
+        assert same["comparison"]["previous"]["ck"]["accuracy"]["drop"] == pytest.approx(0, abs=1e-9)
+        lines_before = (history / "history.jsonl").read_text()
+        capsys.readouterr()
+
+        assert evaluate.main([*args, "--output", str(root / "run3"), "--model", str(models["worse"])]) == 1
+        stderr = capsys.readouterr().err
+        good, bad = read_report(first["out"]), read_report(root / "run3")
+        expected = set()
+        for against in ("previous", "baseline"):
+            for name in ("fer", "ck"):
+                for metric in ("accuracy", "macro_f1"):
+                    drop = good["sets"][name][metric] - bad["sets"][name][metric]
+                    if drop > 0.01:
+                        expected.add((against, name, metric, round(drop, 6)))
+        assert bad["sets"]["ck"]["accuracy"] == 0, "the worse model only answers a class absent from ck"
+        assert ("baseline", "ck", "accuracy", round(good["sets"]["ck"]["accuracy"], 6)) in expected
+        failures = bad["gate"]["failures"]
+        assert {(f["against"], f["set"], f["metric"], round(f["drop"], 6)) for f in failures} == expected
+        for f in failures:
+            assert f"REGRESSION: set {f['set']}: {f['metric']} dropped by {f['drop']:.4f}" in stderr
+        lines = (history / "history.jsonl").read_text()
+        assert lines.startswith(lines_before) and len(lines.splitlines()) == 3
+        last = json.loads(lines.splitlines()[-1])
+        assert last["gate"] == {"passed": False, "failures": len(failures)}
+        assert last["model"]["name"] == "always-neutral"
+
+    def test_html_is_self_contained_and_renders(self, first, tmp_path):
+        html = (first["out"] / "report.html").read_text()
+        report = read_report(first["out"])
+        assert "http://" not in html and "https://" not in html
+        assert html.count('src="data:image/png;base64,') == 2 * len(report["sets"])
+        shown = sum(len(r["most_confident_mistakes"]) for r in report["sets"].values())
+        assert shown > 0 and html.count('src="data:image/jpeg;base64,') == shown
+        assert f"{100 * report['sets']['fer']['accuracy']:.1f}%" in html
+        assert "contempt" in html and "broken.jpg" in html
+        if not CHROMIUM.exists():
+            pytest.skip("headless Chromium not installed (apt-get install -y chromium)")
+        shot = first["out"] / "report.png"
+        subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu",
+                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                        "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
+                        "--window-size=1280,2400", (first["out"] / "report.html").as_uri()],
+                       capture_output=True, timeout=120, check=True)
+        image = np.asarray(Image.open(io.BytesIO(shot.read_bytes())).convert("L"))
+        assert image.shape == (2400, 1280)
+        # A rendered page has text, plots and thumbnails: far from one flat colour.
+        assert image.std() > 20 and (image < 100).mean() > 0.01
+
+
+# ---------------------------------------------------------------- as the nightly job runs it
+
+
+@pytest.mark.slow
+def test_nightly_gate_through_job_submit(ray_cluster, sets, models, tmp_path):
+    history = tmp_path / "history"
+    common = ["python", "-m", "jobs.evaluate", "--input", f"ck={sets['ck']}", "--history", str(history)]
+    good = ray_cluster.submit(*common, "--output", str(tmp_path / "good"), "--model", str(models["probe"]))
+    assert good.returncode == 0, good.stdout[-3000:] + good.stderr[-3000:]
+    assert "ck: accuracy" in good.stdout and "on 24 of 29 images (1 unreadable, 4 of unknown classes)" in good.stdout
+    bad = ray_cluster.submit(*common, "--output", str(tmp_path / "bad"), "--model", str(models["worse"]))
+    accuracy = json.loads((tmp_path / "good" / "report.json").read_text())["sets"]["ck"]["accuracy"]
+    assert accuracy > 0.01, "precondition: the probe model gets some of ck right"
+    assert bad.returncode != 0
+    assert (f"REGRESSION: set ck: accuracy dropped by {accuracy:.4f} ({accuracy:.4f} -> 0.0000) "
+            "against the previous run") in bad.stdout + bad.stderr
+    assert len((history / "history.jsonl").read_text().splitlines()) == 2

@@ -8,17 +8,21 @@ whose head is fitted to other FER2013 images, so its predictions spread over the
 import dataclasses
 import io
 import json
+import shlex
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import boto3
 import numpy as np
 import pandas as pd
 import pytest
 import ray
+import s3fs
 import torch
+import yaml
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
@@ -328,3 +332,48 @@ def test_nightly_gate_through_job_submit(ray_cluster, sets, models, tmp_path):
     assert (f"REGRESSION: set ck: accuracy dropped by {accuracy:.4f} ({accuracy:.4f} -> 0.0000) "
             "against the previous run") in bad.stdout + bad.stderr
     assert len((history / "history.jsonl").read_text().splitlines()) == 2
+
+
+def test_kuberay_manifest_runs_the_nightly_config():
+    manifest = yaml.safe_load((ROOT / "deploy" / "rayjob-nightly.yaml").read_text())
+    assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", "RayJob")
+    assert manifest["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    assert manifest["spec"]["rayClusterSpec"]["rayVersion"] == ray.__version__
+    command = shlex.split(manifest["spec"]["entrypoint"])
+    assert command[:3] == ["python", "-m", "jobs.evaluate"]
+    _, args = evaluate.parse_args(command[3:])
+    nightly = yaml.safe_load((ROOT / "conf" / "nightly.yaml").read_text())
+    assert args.input == nightly["input"] and args.history == nightly["history"]
+    assert "{run_id}" in args.output and args.baseline and args.tolerance > 0
+
+
+def test_input_flags_replace_the_configs_sets():
+    _, args = evaluate.parse_args(["--conf", "nightly", "--input", "one=/data/one"])
+    assert args.input == ["one=/data/one"] and args.history.startswith("s3://")
+
+
+@pytest.mark.slow
+def test_s3_sets_output_and_history(ray_cluster, s3, sets, models):
+    client = boto3.client("s3", endpoint_url=s3.endpoint_url, aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1")
+    for bucket in ("eval-data", "eval-out"):
+        client.create_bucket(Bucket=bucket)
+    for image in sets["ck"].rglob("*"):
+        if image.is_file():
+            client.upload_file(str(image), "eval-data", f"ck/{image.relative_to(sets['ck'])}")
+    client.upload_file(str(models["probe"]), "eval-data", "models/probe.pt")
+    result = ray_cluster.submit("python", "-m", "jobs.evaluate", "--input", "ck=s3://eval-data/ck",
+                                "--output", "s3://eval-out/runs/{run_id}", "--history", "s3://eval-out/history",
+                                "--model", "s3://eval-data/models/probe.pt", env_vars=s3.env())
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    fs = s3fs.S3FileSystem(endpoint_url=s3.endpoint_url, key="testing", secret="testing")
+    entry = json.loads(fs.cat("eval-out/history/history.jsonl"))
+    report = json.loads(fs.cat(entry["report"].removeprefix("s3://")))
+    ck = report["sets"]["ck"]
+    assert (ck["n_images"], ck["n_errors"], ck["n_excluded_unknown"]) == (29, 1, CONTEMPT)
+    assert ck["errors"] == [{"path": "s3://eval-data/ck/anger/broken.jpg", "error": "not an image"}]
+    assert entry["sets"]["ck"]["accuracy"] == ck["accuracy"]
+    df = pd.read_parquet(fs.open(f"{ck['predictions'].removeprefix('s3://')}/predictions.parquet"))
+    assert len(df) == 29 and set(df["folder"]) == {*CK_FOLDERS, "contempt"}
+    html = fs.cat(entry["report"].removeprefix("s3://").replace("report.json", "report.html")).decode()
+    assert html.count('src="data:image/jpeg;base64,') == len(ck["most_confident_mistakes"]) > 0

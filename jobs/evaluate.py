@@ -88,6 +88,7 @@ class EvaluateJob:
     tolerance: float
     gallery: int
     bins: int
+    overwrite: bool
     endpoint_url: str | None
 
 
@@ -251,6 +252,7 @@ def plan_job(args: argparse.Namespace, run_id: str) -> EvaluateJob:
         tolerance=args.tolerance,
         gallery=args.gallery,
         bins=args.bins,
+        overwrite=args.overwrite,
         endpoint_url=args.endpoint_url,
     )
 
@@ -365,6 +367,10 @@ def run(job: EvaluateJob, started_at: datetime) -> dict[str, Any]:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = sys.stderr.isatty()
     started = time.monotonic()
+    out_fs, root = filesystem(job.output)
+    if job.overwrite and out_fs.exists(f"{root}/predictions"):
+        # Sets of the replaced run that this one does not evaluate must not linger beside it.
+        out_fs.rm(f"{root}/predictions", recursive=True)
     sets: dict[str, dict[str, Any]] = {}
     for labelled in job.sets:
         log.info("evaluating %s: %d images from %s", labelled.name, len(labelled.paths), labelled.uri)
@@ -393,7 +399,6 @@ def run(job: EvaluateJob, started_at: datetime) -> dict[str, Any]:
         "comparison": comparison,
         "gate": verdict,
     }
-    out_fs, root = filesystem(job.output)
     out_fs.makedirs(root, exist_ok=True)
     with out_fs.open(f"{root}/{REPORT_JSON}", "w") as f:
         json.dump(report, f, indent=2)

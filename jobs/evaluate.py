@@ -179,9 +179,9 @@ def read_labelled_input(spec: str, labels: tuple[str, ...]) -> LabelledInput:
         folders += [folder] * len(images)
         classes += [class_id] * len(images)
     if not any(c >= 0 for c in classes):
-        known = ", ".join(sorted(by_folder)) or "none"
+        with_images = ", ".join(sorted(by_folder)) or "none"
         raise UsageError(f"--input {spec}: no images in a sub-folder naming a class the model knows "
-                         f"(sub-folders with images: {known})")
+                         f"(sub-folders with images: {with_images})")
     return LabelledInput(name, uri, paths, folders, classes)
 
 
@@ -203,15 +203,15 @@ def plan_job(args: argparse.Namespace, run_id: str) -> EvaluateJob:
         raise UsageError("--input NAME=PATH_OR_S3 is required (at least one labelled set)")
     if not args.output:
         raise UsageError("--output is required")
+    names = [_split_input(spec)[0] for spec in args.input]
+    if len(set(names)) != len(names):
+        raise UsageError(f"--input: set names must be unique, got {', '.join(names)}")
     model_uri = absolute_uri(args.model) if args.model else str(DEFAULT_CHECKPOINT)
     try:
         checkpoint = load_checkpoint(model_uri)
     except CheckpointError as exc:
         raise UsageError(f"--model {exc}") from None
     sets = [read_labelled_input(spec, checkpoint.labels) for spec in args.input]
-    names = [s.name for s in sets]
-    if len(set(names)) != len(names):
-        raise UsageError(f"--input: set names must be unique, got {', '.join(names)}")
     output = absolute_uri(args.output.replace("{run_id}", run_id)).rstrip("/")
     fs, root = filesystem(output)
     if fs.exists(f"{root}/{REPORT_JSON}") and not args.overwrite:

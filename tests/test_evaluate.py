@@ -157,6 +157,13 @@ def test_unusable_set_fails_at_once_with_one_line(tmp_path, tiny_checkpoint_path
     assert time.monotonic() - started < 60
 
 
+def test_duplicate_set_names_fail_before_any_listing(tmp_path, tiny_checkpoint_path):
+    result = run_cli("--input", "a=/nonexistent/one", "--input", "a=/nonexistent/two",
+                     "--output", str(tmp_path / "out"), "--model", str(tiny_checkpoint_path))
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --input: set names must be unique, got a, a"
+
+
 def test_missing_baseline_fails_before_any_work(tmp_path, tiny_checkpoint_path):
     (tmp_path / "set" / "happy").mkdir(parents=True)
     (tmp_path / "set" / "happy" / "a.jpg").write_bytes(jpeg())

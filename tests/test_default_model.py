@@ -1,0 +1,29 @@
+"""The embedded default model on a fixed quarter of the shared FER2013 validation set."""
+
+import numpy as np
+from sklearn.metrics import accuracy_score, f1_score
+
+from emotion.checkpoint import load_checkpoint
+from emotion.folders import list_labelled_images, read_many
+from emotion.predictor import Predictor
+from tests.conftest import require_fer2013
+
+
+def test_default_model_accuracy_on_a_fixed_validation_sample():
+    validation = require_fer2013() / "validation"
+    found = list_labelled_images(str(validation))
+    paths, labels = found.paths[::4], found.labels[::4]
+    predictor = Predictor(device="cpu")
+    results = predictor.predict_bytes(read_many(paths))
+    assert all(r["status"] == "ok" for r in results)
+    predicted = [r["predicted_label"] for r in results]
+    accuracy = accuracy_score(labels, predicted)
+    macro_f1 = f1_score(labels, predicted, average="macro")
+    assert len(paths) == 898
+    assert accuracy >= 0.66, accuracy
+    assert macro_f1 >= 0.60, macro_f1
+    reported = load_checkpoint().metrics["validation"]
+    # The sample is a quarter of the set the card reports on: the two must roughly agree.
+    assert abs(accuracy - reported["val_accuracy"]) < 0.04
+    assert np.isclose(sum(r["confidence"] for r in results) / len(results),
+                      np.mean([max(r["probabilities"].values()) for r in results]))

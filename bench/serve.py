@@ -54,7 +54,7 @@ async def drive(url: str, image: bytes, concurrency: int, seconds: float) -> tup
         started = time.perf_counter()
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
-    ms = np.asarray(latencies) * 1000
+    ms = np.asarray(latencies or [float("nan")]) * 1000
     return len(latencies) / elapsed, float(np.percentile(ms, 50)), float(np.percentile(ms, 99)), failures
 
 
@@ -62,7 +62,8 @@ def wait_for(url: str, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if httpx.get(url, timeout=5).status_code < 500:
+            # Serve's proxy answers 404/503 before the application is deployed: wait for a 200.
+            if httpx.get(url, timeout=5).status_code == 200:
                 return
         except httpx.HTTPError:
             pass

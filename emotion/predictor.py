@@ -1,14 +1,22 @@
 """`Predictor`: one loaded model, the only thing a batch actor or a Serve replica holds."""
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.fx.experimental.optimization as fx_optimization
+from torch import nn
 
 from emotion.checkpoint import Checkpoint, load_checkpoint
-from emotion.precision import autocast, resolve_precision
+from emotion.precision import resolve_precision
 from emotion.preprocess import DEFAULT_MAX_PIXELS, Decoded, decode_image, normalize
+
+# Forward passes on CPU go through the network in slices of this many images: the activations of
+# a slice stay in the cache between layers, which is worth about a fifth of the throughput on a
+# 48x48 CNN compared with one pass over a few hundred images.
+CPU_MICRO_BATCH = 32
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -25,6 +33,10 @@ class Predictor:
     the network exactly what it was trained on. `precision="auto"` runs bfloat16 where the device
     has native units for it (AMX CPUs, recent GPUs): 2-3x the throughput for probabilities that
     differ from float32 by about 1e-2.
+
+    The loaded network is prepared for inference only: batch norms are folded into the
+    convolutions before them and, in bfloat16, the weights are cast once rather than on every
+    call. `model` is that prepared network; `checkpoint.build()` gives the trainable one.
     """
 
     def __init__(
@@ -40,8 +52,8 @@ class Predictor:
         self.device = pick_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.max_pixels = max_pixels
-        model = self.checkpoint.build().to(self.device)
-        self.model = model.to(memory_format=torch.channels_last)
+        self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        self.model = _inference_network(self.checkpoint.build(), self.device, self.dtype)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -67,13 +79,17 @@ class Predictor:
         if len(pixels) == 0:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         ckpt = self.checkpoint
-        batch = torch.from_numpy(normalize(pixels, ckpt.mean, ckpt.std)).to(self.device)
-        batch = batch.contiguous(memory_format=torch.channels_last)
-        with autocast(self.precision, self.device):
-            logits = self.model(batch).float()
-            if ckpt.test_time_flip:
-                logits = (logits + self.model(torch.flip(batch, dims=[3])).float()) / 2
+        batch = torch.from_numpy(normalize(pixels, ckpt.mean, ckpt.std)).to(self.device, self.dtype)
+        step = CPU_MICRO_BATCH if self.device.type == "cpu" else len(batch)
+        logits = torch.cat([self._logits(batch[i : i + step]) for i in range(0, len(batch), step)])
         return torch.softmax(logits, dim=1).cpu().numpy()
+
+    def _logits(self, batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.contiguous(memory_format=torch.channels_last)
+        logits = self.model(batch).float()
+        if self.checkpoint.test_time_flip:
+            logits = (logits + self.model(torch.flip(batch, dims=[3])).float()) / 2
+        return logits
 
     def predict_bytes(self, images: list[bytes]) -> list[dict[str, Any]]:
         """One result per input: label, confidence and probabilities, or the decoding error."""
@@ -98,3 +114,15 @@ class Predictor:
                 "height": decoded[i].height,
             }
         return results
+
+
+def _inference_network(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """`model` in eval mode on `device` and `dtype`, with conv + batch norm pairs folded.
+
+    Folding needs a torch.fx trace; a network fx cannot trace (data-dependent control flow) runs
+    unfolded, which is slower but gives the same probabilities.
+    """
+    model = model.eval()
+    with contextlib.suppress(torch.fx.proxy.TraceError):
+        model = fx_optimization.fuse(model)
+    return model.to(device=device, dtype=dtype, memory_format=torch.channels_last)

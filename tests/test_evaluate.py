@@ -74,8 +74,9 @@ def probed_checkpoint(seed: int, per_class: int = 30) -> Checkpoint:
             pixels.append(predictor.decode(image.read_bytes()).pixels)
             classes.append(i)
     batch = torch.from_numpy(normalize(np.stack(pixels), checkpoint.mean, checkpoint.std))
+    network = checkpoint.build().eval()
     with torch.inference_mode():
-        features = predictor.model.head[:2](predictor.model.features(batch)).numpy()
+        features = network.head[:2](network.features(batch)).numpy()
     head = LogisticRegression(C=100, max_iter=5000).fit(features, classes)
     state = dict(checkpoint.state_dict)
     state["head.3.weight"] = torch.tensor(head.coef_, dtype=torch.float32)

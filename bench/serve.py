@@ -5,6 +5,8 @@
 Starts `serve run` on conf/serve.yaml (local Ray, torch threads set to the machine's cores) and
 `uvicorn bench.baseline_app:app`, then drives each with closed-loop clients at each concurrency,
 for 48x48 faces and for 640x480 photos, and prints requests/s, p50 and p99 latency and ratios.
+A third server, `bench.noop_app` (Serve with no model), shows what Serve's own request path
+allows on this machine.
 """
 
 import argparse
@@ -103,11 +105,12 @@ def main() -> None:
             "serve": (["serve", "run", f.name], "http://127.0.0.1:8000"),
             "baseline": ([str(BIN / "uvicorn"), "bench.baseline_app:app", "--port", "8001", "--log-level", "warning"],
                          "http://127.0.0.1:8001"),
+            "serve no-op": (["serve", "run", "bench.noop_app:app"], "http://127.0.0.1:8000"),
         }
         for name, (command, url) in servers.items():
             process = start(command, env)
             try:
-                wait_for(url + ("/health" if name == "serve" else "/docs"))
+                wait_for(url + ("/docs" if name == "baseline" else "/health"))
                 for label, image in images.items():
                     asyncio.run(drive(url + "/predict", image, 4, 2))
                     for concurrency in args.concurrency:
@@ -123,6 +126,11 @@ def main() -> None:
             print(f"{label:<15}{concurrency:>5}{s[0]:>13.1f}{s[1]:>8.1f}{s[2]:>8.1f}{b[0]:>12.1f}{b[1]:>8.1f}"
                   f"{b[2]:>8.1f}{s[0] / b[0]:>12.2f}x{s[2] / b[2]:>10.2f}x"
                   + (f"  (failures: serve {s[3]}, baseline {b[3]})" if s[3] or b[3] else ""))
+    print("\nServe with no model (request path only):")
+    for label in images:
+        for concurrency in args.concurrency:
+            n, b = results["serve no-op", label, concurrency], results["baseline", label, concurrency]
+            print(f"{label:<15}{concurrency:>5}{n[0]:>13.1f}{n[1]:>8.1f}{n[2]:>8.1f}   {n[0] / b[0]:.2f}x baseline")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
     python bench/serve.py [--seconds 15] [--concurrency 1 8 32]
 
-Starts `serve run` on conf/serve.yaml (local Ray, torch threads set to the machine's cores) and
-`uvicorn bench.baseline_app:app`, then drives each with closed-loop clients at each concurrency,
-for 48x48 faces and for 640x480 photos, and prints requests/s, p50 and p99 latency and ratios.
+Starts `serve run` on conf/serve.yaml (a local Ray started with conf/serve.env, torch threads set
+to the machine's cores) and `uvicorn bench.baseline_app:app`, then drives each with closed-loop
+clients at each concurrency, for 48x48 faces and for 640x480 photos, and prints requests/s, p50
+and p99 latency and ratios.
 A third server, `bench.noop_app` (Serve with no model), shows what Serve's own request path
 allows on this machine.
 """
@@ -24,6 +25,8 @@ import httpx
 import numpy as np
 import yaml
 from PIL import Image
+
+from serve.environment import serving_env
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -91,7 +94,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     args = parser.parse_args()
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_ADDRESS="local")
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_ADDRESS="local",
+               **serving_env())
     config = yaml.safe_load((ROOT / "conf" / "serve.yaml").read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": 8000}
     config["applications"][0]["args"]["torch_threads"] = os.cpu_count()

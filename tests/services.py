@@ -19,6 +19,8 @@ from pathlib import Path
 
 import httpx
 
+from serve.environment import serving_env
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -75,7 +77,7 @@ def ray_head(num_cpus: int = 2) -> Iterator[RayHead]:
         f"--node-manager-port={ports[6]}", f"--object-manager-port={ports[7]}",
         f"--ray-client-server-port={ports[8]}",
     ]
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **serving_env())
     log = open(Path(temp_dir) / "head.log", "w")  # noqa: SIM115 - lives as long as the head
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                start_new_session=True)

@@ -7,6 +7,7 @@ Ray has no public validator for cluster launcher configs; `ray up` runs
 
 import copy
 import json
+import subprocess
 from pathlib import Path
 
 import jsonschema
@@ -14,6 +15,8 @@ import pytest
 import ray.autoscaler
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
+
+from serve.environment import serving_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
@@ -74,6 +77,18 @@ def test_start_commands_and_token_auth(config):
 
     assert TOKEN_FILE in config["file_mounts"]
     assert "RAY_AUTH_MODE=token" in "\n".join(config["initialization_commands"])
+
+
+def test_every_node_starts_ray_with_the_serve_environment(config):
+    """The start commands' own shell text, run against this checkout, exports conf/serve.env."""
+    expected = serving_env()
+    assert expected, "conf/serve.env sets nothing"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        command = next(c for c in config[key] if "ray start" in c)
+        prefix = command[: command.index("ray start")].replace(PROJECT_MOUNT, str(ROOT))
+        shell = subprocess.run(["bash", "-c", prefix + " env"], capture_output=True, text=True, check=True)
+        exported = dict(line.split("=", 1) for line in shell.stdout.splitlines() if "=" in line)
+        assert {k: exported.get(k) for k in expected} == expected, key
 
 
 @pytest.mark.parametrize(

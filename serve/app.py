@@ -1,8 +1,10 @@
 """The Ray Serve application: `serve run conf/serve.yaml`.
 
-Two deployments, each with one job. `Ingress` owns HTTP: auth, upload limits, decoding (CPU) and
-JSON. `Classifier` owns models: checkpoints are multiplexed by name across its replicas and
-concurrent requests for the same model share one forward pass through `@serve.batch`.
+One deployment, `Emotion`, whose replicas each do the whole request: HTTP (auth, upload limits),
+decoding, the forward pass and JSON. Checkpoints are loaded on demand through Serve's model
+multiplexing (least recently used evicted), and concurrent requests share forward passes through
+`@serve.batch`. Every hop between deployments costs more CPU than a 48x48 forward pass, so the
+model lives in the replica that parses the request rather than behind a second deployment.
 """
 
 import asyncio
@@ -17,8 +19,6 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from ray import serve
-from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle
 
 import emotion
 from emotion.checkpoint import load_checkpoint
@@ -60,52 +60,6 @@ def _decode_status(error: str) -> int:
     return 415 if error in _UNSUPPORTED else 400
 
 
-@serve.deployment(name="Classifier")
-class Classifier:
-    """Holds up to MODELS_PER_REPLICA Predictors (least recently used are evicted) and runs
-    batched forward passes."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        # Ray pins a replica's OMP_NUM_THREADS to its CPU reservation; on a CPU-only node the
-        # forward pass may use more cores than the replica reserves.
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
-        self.loaded: set[str] = set()
-        self.batch_sizes: list[int] = []
-
-    @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
-    async def get_model(self, name: str) -> Predictor:
-        predictor = Predictor(self.settings.models[name], device=self.settings.device,
-                              precision=self.settings.precision)
-        self.loaded.add(name)
-        return predictor
-
-    def reconfigure(self, config: dict[str, Any]) -> None:
-        """Batching knobs from `user_config`, changeable without restarting replicas."""
-        self.predict.set_max_batch_size(int(config.get("max_batch_size", 32)))
-        self.predict.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.01)))
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def predict(self, images: list[np.ndarray]) -> list[list[float]]:
-        """One forward pass for every queued request of the same model (Serve splits by model id)."""
-        predictor = await self.get_model(serve.get_multiplexed_model_id())
-        self.batch_sizes.append(len(images))
-        del self.batch_sizes[:-1000]
-        probs = await asyncio.to_thread(predictor.predict_pixels, np.stack(images))
-        return probs.tolist()
-
-    async def info(self) -> dict[str, Any]:
-        predictor = await self.get_model(serve.get_multiplexed_model_id())
-        return {"device": str(predictor.device), "precision": predictor.precision,
-                "loaded_models": sorted(self.loaded), "recent_batch_sizes": self.batch_sizes[-200:]}
-
-    def check_health(self) -> None:
-        """Serve restarts a replica whose health check raises; none may hold a broken model."""
-        if self.settings.default not in self.settings.models:
-            raise RuntimeError(f"default model {self.settings.default!r} is not configured")
-
-
 def _build_api(settings: Settings) -> FastAPI:
     api = FastAPI(
         title=SERVICE,
@@ -135,13 +89,50 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     cards = {name: load_checkpoint(path).describe() for name, path in settings.models.items()}
     api = _build_api(settings)
 
-    @serve.deployment(name="Ingress")
+    @serve.deployment(name="Emotion")
     @serve.ingress(api)
-    class Ingress:
-        def __init__(self, classifier: DeploymentHandle) -> None:
-            self.classifier = classifier
+    class Emotion:
+        def __init__(self) -> None:
+            # Ray pins a replica's OMP_NUM_THREADS to its CPU reservation; on a CPU-only node the
+            # forward pass may use more cores than the replica reserves.
+            if settings.torch_threads:
+                torch.set_num_threads(settings.torch_threads)
             self.cards = cards
             self.specs = {name: (c["input_size"], c["channels"]) for name, c in cards.items()}
+            self.loaded: set[str] = set()
+            self.batch_sizes: list[int] = []
+
+        @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
+        async def get_model(self, name: str) -> Predictor:
+            predictor = await asyncio.to_thread(
+                Predictor, settings.models[name], device=settings.device, precision=settings.precision)
+            self.loaded.add(name)
+            return predictor
+
+        def reconfigure(self, config: dict[str, Any]) -> None:
+            """Batching knobs from `user_config`, changeable without restarting replicas."""
+            self.forward.set_max_batch_size(int(config.get("max_batch_size", 32)))
+            self.forward.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.01)))
+
+        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+        async def forward(self, requests: list[tuple[str, np.ndarray]]) -> list[list[float]]:
+            """One forward pass per model among the queued requests."""
+            self.batch_sizes.append(len(requests))
+            del self.batch_sizes[:-1000]
+            results: list[list[float]] = [[] for _ in requests]
+            for name in dict.fromkeys(model for model, _ in requests):
+                rows = [i for i, (model, _) in enumerate(requests) if model == name]
+                predictor = await self.get_model(name)
+                probs = await asyncio.to_thread(
+                    predictor.predict_pixels, np.stack([requests[i][1] for i in rows]))
+                for i, row in zip(rows, probs.tolist(), strict=True):
+                    results[i] = row
+            return results
+
+        def check_health(self) -> None:
+            """Serve restarts a replica whose health check raises; none may hold a broken model."""
+            if settings.default not in settings.models:
+                raise RuntimeError(f"default model {settings.default!r} is not configured")
 
         def _authorize(self, request: Request) -> None:
             if settings.auth_token and request.headers.get("authorization") != f"Bearer {settings.auth_token}":
@@ -176,11 +167,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             decoded = await asyncio.to_thread(decode_image, data, size, channels)
             if decoded.error is not None:
                 return {"status": "error", "error": decoded.error, "code": _decode_status(decoded.error)}
-            handle = self.classifier.options(multiplexed_model_id=model)
-            try:
-                probs = await handle.predict.remote(decoded.pixels)
-            except BackPressureError:
-                raise HTTPException(503, "overloaded, retry shortly", headers={"Retry-After": "1"}) from None
+            probs = await self.forward((model, decoded.pixels))
             labels = self.cards[model]["labels"]
             top = int(np.argmax(probs))
             return {
@@ -200,9 +187,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 
         @api.get("/health")
         async def health(self) -> dict[str, Any]:
-            info = await self.classifier.options(multiplexed_model_id=settings.default).info.remote()
-            return {"status": "ok", "device": info["device"], "precision": info["precision"],
-                    "models": sorted(self.cards), "loaded_models": info["loaded_models"]}
+            predictor = await self.get_model(settings.default)
+            return {"status": "ok", "device": str(predictor.device), "precision": predictor.precision,
+                    "models": sorted(self.cards), "loaded_models": sorted(self.loaded)}
 
         @api.get("/models")
         async def models(self, request: Request) -> dict[str, Any]:
@@ -212,9 +199,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
                     "models": [{"name": name, **{k: card[k] for k in keys}} for name, card in self.cards.items()]}
 
         @api.get("/stats")
-        async def stats(self, model: str | None = Query(None)) -> dict[str, Any]:
-            name = model or settings.default
-            return await self.classifier.options(multiplexed_model_id=name).info.remote()
+        async def stats(self) -> dict[str, Any]:
+            """This replica's recent batch sizes: evidence that concurrent requests share passes."""
+            return {"loaded_models": sorted(self.loaded), "recent_batch_sizes": self.batch_sizes[-200:]}
 
         @api.post(
             "/predict",
@@ -258,4 +245,4 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             return JSONResponse({"model": name, "results": results,
                                  "latency_ms": round((time.perf_counter() - started) * 1000, 2)})
 
-    return Ingress.bind(Classifier.bind(settings))
+    return Emotion.bind()

@@ -53,16 +53,16 @@ def service(ray_cluster, tmp_path_factory):
     app["args"].update(models={"alpha": str(folder / "alpha.pt"), "beta": str(folder / "beta.pt")},
                        default_model="alpha", max_upload_bytes=1_000_000, auth_token=TOKEN,
                        cors_origins=["https://app.example"], precision="fp32")
-    for deployment in app["deployments"]:
-        deployment["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1}
-        deployment["ray_actor_options"] = {"num_cpus": 0.25}
-    app["deployments"][1]["user_config"] = {"max_batch_size": 16, "batch_wait_timeout_s": 0.05}
+    (deployment,) = app["deployments"]
+    deployment.update(autoscaling_config={"min_replicas": 1, "max_replicas": 1},
+                      ray_actor_options={"num_cpus": 0.25},
+                      user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.05})
     # A second application with a tiny queue, to observe backpressure.
     tight = copy.deepcopy(app)
     tight.update(name="tight", route_prefix="/tight")
     tight["args"].update(auth_token=None)
-    tight["deployments"][0].update(max_ongoing_requests=1, max_queued_requests=1)
-    tight["deployments"][1]["user_config"] = {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}
+    tight["deployments"][0].update(max_ongoing_requests=1, max_queued_requests=1,
+                                   user_config={"max_batch_size": 1, "batch_wait_timeout_s": 0.0})
     config["applications"].append(tight)
     deploy(ray_cluster, config, folder / "serve.yaml")
     url = f"http://127.0.0.1:{port}"
@@ -193,7 +193,7 @@ def test_concurrent_requests_share_forward_passes(service):
         return [r.status_code for r in responses]
 
     assert asyncio.run(burst()) == [200] * 48
-    stats = httpx.get(service["url"] + "/stats?model=alpha").json()
+    stats = httpx.get(service["url"] + "/stats").json()
     assert max(stats["recent_batch_sizes"]) > 1
 
 

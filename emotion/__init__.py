@@ -1,16 +1,26 @@
-"""Facial emotion recognition: everything about a model, shared by the batch job, evaluation and serving."""
+"""Facial emotion recognition: everything about a model, shared by the batch job, evaluation and serving.
 
-from emotion.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from emotion.labels import LABELS, canonical_label
-from emotion.predictor import Predictor
+The names below load on first use: importing a light submodule (`emotion.preprocess`,
+`emotion.labels`) must not pay for torch, which takes seconds in every Ray worker that decodes.
+"""
 
-__all__ = [
-    "LABELS",
-    "Checkpoint",
-    "CheckpointError",
-    "Predictor",
-    "canonical_label",
-    "load_checkpoint",
-    "save_checkpoint",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "LABELS": "emotion.labels",
+    "canonical_label": "emotion.labels",
+    "Checkpoint": "emotion.checkpoint",
+    "CheckpointError": "emotion.checkpoint",
+    "load_checkpoint": "emotion.checkpoint",
+    "save_checkpoint": "emotion.checkpoint",
+    "Predictor": "emotion.predictor",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'emotion' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -2,12 +2,15 @@
 
 No weights are ever fetched: every model starts from random initialisation or from one of our
 own checkpoints, because the machines this runs on may have no route to a model hub.
+
+torchvision is imported only when a torchvision architecture is asked for: its import adds about
+a second to every process that loads the compact default model.
 """
 
+import importlib
 from typing import Any
 
 import torch
-import torchvision
 from torch import nn
 
 # The torchvision families earlier emotion APIs were built on; any other registry name works too.
@@ -104,9 +107,14 @@ def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
     raise ValueError(f"{type(model).__name__} has no convolution to adapt to {in_channels} channels")
 
 
+def _torchvision_models() -> Any:
+    return importlib.import_module("torchvision.models")
+
+
 def available_architectures() -> list[str]:
     """Every name build_model accepts."""
-    return [COMPACT_ARCHITECTURE, *torchvision.models.list_models(module=torchvision.models)]
+    models = _torchvision_models()
+    return [COMPACT_ARCHITECTURE, *models.list_models(module=models)]
 
 
 def build_model(arch: str, num_classes: int, in_channels: int, **kwargs: Any) -> nn.Module:
@@ -117,9 +125,10 @@ def build_model(arch: str, num_classes: int, in_channels: int, **kwargs: Any) ->
     """
     if arch == COMPACT_ARCHITECTURE:
         return EmotionCNN(num_classes=num_classes, in_channels=in_channels, **kwargs)
-    if arch not in torchvision.models.list_models(module=torchvision.models):
+    models = _torchvision_models()
+    if arch not in models.list_models(module=models):
         raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(available_architectures())}")
-    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+    model = models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
     if in_channels != 3:
         _adapt_first_conv(model, in_channels)
     return model

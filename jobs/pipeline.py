@@ -21,7 +21,8 @@ from ray.data import ActorPoolStrategy
 
 from emotion.checkpoint import Checkpoint
 from emotion.predictor import Predictor
-from emotion.preprocess import DEFAULT_MAX_PIXELS, decode_image
+from emotion.preprocess import DEFAULT_MAX_PIXELS
+from jobs.decoding import decode_batch
 
 PROGRESS_ACTOR = "emotion-ray-progress"
 
@@ -42,25 +43,6 @@ class PipelineConfig:
     device: str | None = None
     precision: str = "auto"
     max_pixels: int = DEFAULT_MAX_PIXELS
-
-
-def decode_batch(
-    batch: dict[str, np.ndarray], size: int, channels: int, max_pixels: int
-) -> dict[str, np.ndarray]:
-    """Bytes and paths to model-sized pixels plus per-row status, width, height and error."""
-    rows = [decode_image(bytes(data), size, channels, max_pixels) for data in batch["bytes"]]
-    pixels = np.zeros((len(rows), size, size, channels), dtype=np.uint8)
-    for i, row in enumerate(rows):
-        if row.pixels is not None:
-            pixels[i] = row.pixels
-    return {
-        "path": batch["path"],
-        "pixels": pixels,
-        "status": np.asarray(["ok" if r.error is None else "error" for r in rows], dtype=object),
-        "error": np.asarray([r.error for r in rows], dtype=object),
-        "width": np.asarray([r.width for r in rows], dtype=np.int32),
-        "height": np.asarray([r.height for r in rows], dtype=np.int32),
-    }
 
 
 @ray.remote(num_cpus=0)

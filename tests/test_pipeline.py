@@ -6,7 +6,8 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from emotion.preprocess import decode_image
-from jobs.pipeline import PipelineConfig, ScoreBatch, decode_batch, score_files
+from jobs.decoding import decode_batch
+from jobs.pipeline import PipelineConfig, ScoreBatch, score_files
 from tests.conftest import tiny_checkpoint
 from tests.images import jpeg
 

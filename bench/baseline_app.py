@@ -1,5 +1,5 @@
 """The single-image design earlier emotion APIs used: one FastAPI process, one forward pass per
-request, same model and preprocessing as the Serve application. Baseline for bench/serve.py.
+request, same model and preprocessing as the Serve application. Baseline for bench/serving.py.
 
     uvicorn bench.baseline_app:app --port 8001
 """

@@ -1,7 +1,7 @@
 """Ray Serve's request path with no model: the ceiling any Serve application reaches here.
 
 One FastAPI ingress deployment that parses the multipart upload, as `serve.app` does, and answers
-without decoding or scoring. bench/serve.py drives it beside the real application, so that the
+without decoding or scoring. bench/serving.py drives it beside the real application, so that the
 share of a request's cost that belongs to Serve itself is measured rather than guessed.
 
     serve run bench.noop_app:app

@@ -1,6 +1,6 @@
 """Ray Serve application against the single-image FastAPI baseline, side by side in one run.
 
-    python bench/serve.py [--seconds 15] [--concurrency 1 8 32]
+    python bench/serving.py [--seconds 15] [--concurrency 1 8 32]
 
 Starts `serve run` on conf/serve.yaml (a local Ray started with conf/serve.env, torch threads set
 to the machine's cores) and `uvicorn bench.baseline_app:app`, then drives each with closed-loop

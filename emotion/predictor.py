@@ -13,10 +13,10 @@ from emotion.checkpoint import Checkpoint, load_checkpoint
 from emotion.precision import resolve_precision
 from emotion.preprocess import DEFAULT_MAX_PIXELS, Decoded, decode_image, normalize
 
-# Forward passes on CPU go through the network in slices of this many images: the activations of
-# a slice stay in the cache between layers, which is worth about a fifth of the throughput on a
-# 48x48 CNN compared with one pass over a few hundred images.
-CPU_MICRO_BATCH = 32
+# Forward passes on CPU go through the network in slices of this many images (twice as many with
+# their mirror images): the activations of a slice stay in the cache between layers, which is
+# worth about a fifth of the throughput on a 48x48 CNN compared with one pass over a few hundred.
+CPU_MICRO_BATCH = 16
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -85,11 +85,12 @@ class Predictor:
         return torch.softmax(logits, dim=1).cpu().numpy()
 
     def _logits(self, batch: torch.Tensor) -> torch.Tensor:
-        batch = batch.contiguous(memory_format=torch.channels_last)
-        logits = self.model(batch).float()
-        if self.checkpoint.test_time_flip:
-            logits = (logits + self.model(torch.flip(batch, dims=[3])).float()) / 2
-        return logits
+        if not self.checkpoint.test_time_flip:
+            return self.model(batch.contiguous(memory_format=torch.channels_last)).float()
+        # Image and mirror in one pass: half the per-call overhead, which dominates small batches.
+        both = torch.cat([batch, torch.flip(batch, dims=[3])]).contiguous(memory_format=torch.channels_last)
+        logits = self.model(both).float()
+        return (logits[: len(batch)] + logits[len(batch) :]) / 2
 
     def predict_bytes(self, images: list[bytes]) -> list[dict[str, Any]]:
         """One result per input: label, confidence and probabilities, or the decoding error."""

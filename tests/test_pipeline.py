@@ -1,5 +1,8 @@
 """The Ray Data plan: stages, resources and the GPU layout, checked without running it."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import ray
@@ -10,6 +13,7 @@ from jobs.decoding import decode_batch
 from jobs.pipeline import PipelineConfig, ScoreBatch, score_files
 from tests.conftest import tiny_checkpoint
 from tests.images import jpeg
+from tests.services import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +59,10 @@ def test_decode_then_score_a_batch_by_hand():
     probs = np.stack([scored[k] for k in scored if k.startswith("prob_")], axis=1)
     assert np.allclose(probs[[0, 2]].sum(axis=1), 1, atol=1e-5)
     assert np.allclose(probs[[0, 2]].max(axis=1), scored["confidence"][[0, 2]])
+
+
+def test_decoding_workers_do_not_import_torch():
+    """Ray Data imports jobs.decoding in every decode worker; torch there costs seconds each."""
+    probe = "import sys, jobs.decoding; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

@@ -1,7 +1,10 @@
 """Batch augmentation for face training, run on the training device as tensor ops.
 
-Only changes that keep the expression: small shifts, rotations and scale, mirroring, and mild
-photometric noise. Anything stronger (large crops, vertical flips) destroys the cue we learn.
+Only changes that keep the expression: mirroring, whole-pixel shifts, and for a minority of
+images a small rotation and scale plus mild photometric noise. Most images stay pixel-exact:
+bilinear resampling of every 48x48 training face blurs it, so the network would learn on softer
+faces than it is evaluated on. Warping every image left the previous default model under-fitting
+(61.7% validation accuracy, 61.2% on its own augmented training batches); this mix gave 63.5%.
 """
 
 import math
@@ -13,36 +16,47 @@ import torch.nn.functional as F
 def augment_faces(
     x: torch.Tensor,
     generator: torch.Generator | None = None,
-    max_rotation_deg: float = 12.0,
-    max_shift: float = 0.1,
-    scale_range: tuple[float, float] = (0.9, 1.1),
+    max_shift_px: int = 4,
+    warp_fraction: float = 0.3,
+    max_rotation_deg: float = 10.0,
+    scale_range: tuple[float, float] = (0.92, 1.08),
 ) -> torch.Tensor:
     """Randomly transform a normalised N x C x H x W batch, each image independently."""
     n, device = x.shape[0], x.device
+    height, width = x.shape[-2:]
 
     def uniform(low: float, high: float) -> torch.Tensor:
         return torch.rand(n, generator=generator).to(device) * (high - low) + low
 
-    angle = uniform(-max_rotation_deg, max_rotation_deg) * math.pi / 180
-    scale = uniform(*scale_range)
-    flip = torch.where(uniform(0, 1) < 0.5, -1.0, 1.0)
+    def chance(p: float) -> torch.Tensor:
+        return uniform(0, 1) < p
+
+    def shift(size: int) -> torch.Tensor:
+        pixels = torch.randint(-max_shift_px, max_shift_px + 1, (n,), generator=generator)
+        return pixels.to(device, x.dtype) * 2 / size
+
+    warped = chance(warp_fraction)
+    angle = torch.where(warped, uniform(-max_rotation_deg, max_rotation_deg) * math.pi / 180, 0.0)
+    scale = torch.where(warped, uniform(*scale_range), 1.0)
+    flip = torch.where(chance(0.5), -1.0, 1.0)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack(
         [
-            torch.stack([cos * flip, -sin, uniform(-max_shift, max_shift) * 2], dim=1),
-            torch.stack([sin * flip, cos, uniform(-max_shift, max_shift) * 2], dim=1),
+            torch.stack([cos * flip, -sin, shift(width)], dim=1),
+            torch.stack([sin * flip, cos, shift(height)], dim=1),
         ],
         dim=1,
     )
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
-    contrast = uniform(0.8, 1.2).view(n, 1, 1, 1)
-    brightness = uniform(-0.2, 0.2).view(n, 1, 1, 1)
+    photometric = chance(0.5).view(n, 1, 1, 1)
+    contrast = uniform(0.85, 1.15).view(n, 1, 1, 1)
+    brightness = uniform(-0.15, 0.15).view(n, 1, 1, 1)
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
-    out = (out - mean) * contrast + mean + brightness
+    out = torch.where(photometric, (out - mean) * contrast + mean + brightness, out)
 
-    blur = (uniform(0, 1) < 0.15).view(n, 1, 1, 1)
+    blur = chance(0.05).view(n, 1, 1, 1)
     channels = out.shape[1]
     kernel = torch.tensor([1.0, 2.0, 1.0], device=device)
     kernel = (kernel[:, None] * kernel[None, :] / 16).expand(channels, 1, 3, 3)
@@ -50,4 +64,4 @@ def augment_faces(
     out = torch.where(blur, blurred, out)
 
     noise = torch.randn(out.shape, generator=generator).to(device)
-    return out + noise * uniform(0, 0.05).view(n, 1, 1, 1)
+    return out + noise * torch.where(chance(0.2), uniform(0, 0.05), 0.0).view(n, 1, 1, 1)

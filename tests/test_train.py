@@ -67,3 +67,19 @@ def test_augmentation_keeps_shape_and_varies_per_image():
     assert out.shape == x.shape
     assert not torch.allclose(out[0], out[1] - (x[1] - x[0]))
     assert (out - x).abs().mean() > 0.05
+
+
+def test_most_augmented_faces_stay_pixel_exact():
+    """Flips and whole-pixel shifts must not resample: blurred training faces miss sharp test ones."""
+    x = torch.randn(256, 1, 48, 48)
+    out = augment_faces(x, torch.Generator().manual_seed(0))
+    exact = 0
+    for image, augmented in zip(x[:, 0], out[:, 0], strict=True):
+        candidates = (
+            torch.roll(source, (dy, dx), (0, 1))[8:40, 8:40]
+            for source in (image, image.flip(-1))
+            for dy in range(-4, 5)
+            for dx in range(-4, 5)
+        )
+        exact += any(torch.allclose(c, augmented[8:40, 8:40], atol=1e-5) for c in candidates)
+    assert 0.15 < exact / len(x) < 0.5

@@ -28,7 +28,6 @@ from serve.limits import UploadLimit
 
 SERVICE = "emotion-ray"
 MODEL_HEADER = "x-emotion-model"
-MODELS_PER_REPLICA = 4
 
 
 @dataclass(frozen=True)
@@ -44,6 +43,7 @@ class Settings:
     device: str | None = None
     precision: str = "auto"
     torch_threads: int | None = None
+    models_per_replica: int = 4
 
     @property
     def default(self) -> str:
@@ -58,6 +58,22 @@ def _decode_status(error: str) -> int:
     if error == "empty file":
         return 422
     return 415 if error in _UNSUPPORTED else 400
+
+
+class _Resident:
+    """A Predictor held by Serve's multiplexer, which calls `__del__` when it evicts the model.
+
+    The registry maps a model name to the id of the holder now serving it, so /health lists what a
+    replica really holds; a holder only removes its own entry, never a newer load of the same name.
+    """
+
+    def __init__(self, name: str, predictor: Predictor, registry: dict[str, int]) -> None:
+        self.name, self.predictor, self.registry = name, predictor, registry
+        registry[name] = id(self)
+
+    def __del__(self) -> None:
+        if self.registry.get(self.name) == id(self):
+            del self.registry[self.name]
 
 
 def _build_api(settings: Settings) -> FastAPI:
@@ -99,15 +115,14 @@ def build_app(args: dict[str, Any]) -> serve.Application:
                 torch.set_num_threads(settings.torch_threads)
             self.cards = cards
             self.specs = {name: (c["input_size"], c["channels"]) for name, c in cards.items()}
-            self.loaded: set[str] = set()
+            self.loaded: dict[str, int] = {}
             self.batch_sizes: list[int] = []
 
-        @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
-        async def get_model(self, name: str) -> Predictor:
+        @serve.multiplexed(max_num_models_per_replica=settings.models_per_replica)
+        async def get_model(self, name: str) -> _Resident:
             predictor = await asyncio.to_thread(
                 Predictor, settings.models[name], device=settings.device, precision=settings.precision)
-            self.loaded.add(name)
-            return predictor
+            return _Resident(name, predictor, self.loaded)
 
         def reconfigure(self, config: dict[str, Any]) -> None:
             """Batching knobs from `user_config`, changeable without restarting replicas."""
@@ -122,7 +137,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             results: list[list[float]] = [[] for _ in requests]
             for name in dict.fromkeys(model for model, _ in requests):
                 rows = [i for i, (model, _) in enumerate(requests) if model == name]
-                predictor = await self.get_model(name)
+                predictor = (await self.get_model(name)).predictor
                 probs = await asyncio.to_thread(
                     predictor.predict_pixels, np.stack([requests[i][1] for i in rows]))
                 for i, row in zip(rows, probs.tolist(), strict=True):
@@ -187,7 +202,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 
         @api.get("/health")
         async def health(self) -> dict[str, Any]:
-            predictor = await self.get_model(settings.default)
+            predictor = (await self.get_model(settings.default)).predictor
             return {"status": "ok", "device": str(predictor.device), "precision": predictor.precision,
                     "models": sorted(self.cards), "loaded_models": sorted(self.loaded)}
 

@@ -60,7 +60,7 @@ def service(ray_cluster, tmp_path_factory):
     # A second application with a tiny queue, to observe backpressure.
     tight = copy.deepcopy(app)
     tight.update(name="tight", route_prefix="/tight")
-    tight["args"].update(auth_token=None)
+    tight["args"].update(auth_token=None, models_per_replica=1)
     tight["deployments"][0].update(max_ongoing_requests=1, max_queued_requests=1,
                                    user_config={"max_batch_size": 1, "batch_wait_timeout_s": 0.0})
     config["applications"].append(tight)
@@ -213,3 +213,14 @@ def test_overload_is_503_with_retry_after_and_the_service_recovers(service):
     rejected = next(r for r in responses if r.status_code == 503)
     assert rejected.headers["retry-after"] == "1"
     assert httpx.post(url, files={"file": ("f.jpg", jpeg(), "image/jpeg")}).status_code == 200
+
+
+def test_loaded_models_follow_eviction(service):
+    """The tight app keeps one model per replica: loading beta evicts alpha, and /stats says so."""
+    url = service["url"] + "/tight"
+    wait_ready(url)
+    files = {"file": ("f.jpg", jpeg(seed=5), "image/jpeg")}
+    assert httpx.post(url + "/predict", files=files).json()["model"] == "alpha"
+    assert httpx.get(url + "/stats").json()["loaded_models"] == ["alpha"]
+    assert httpx.post(url + "/predict?model=beta", files=files).json()["model"] == "beta"
+    assert httpx.get(url + "/stats").json()["loaded_models"] == ["beta"]

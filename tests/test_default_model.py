@@ -18,11 +18,11 @@ def test_default_model_accuracy_on_a_fixed_validation_sample():
     accuracy = accuracy_score(labels, predicted)
     macro_f1 = f1_score(labels, predicted, average="macro")
     assert len(paths) == 898
-    # The committed model measures 63.5% / 0.585 on the whole set and 63.5% / 0.600 on this sample
+    # The committed model measures 64.9% / 0.614 on the whole set and 65.5% / 0.616 on this sample
     # (docs/model-card.md); these floors catch a broken model or a preprocessing drift, not the
-    # 66% / 0.60 target it still misses.
-    assert accuracy >= 0.61, accuracy
-    assert macro_f1 >= 0.56, macro_f1
+    # 66% accuracy target it still misses.
+    assert accuracy >= 0.63, accuracy
+    assert macro_f1 >= 0.59, macro_f1
     reported = predictor.checkpoint.metrics["validation"]
     # The sample is a quarter of the set the card reports on: the two must roughly agree.
     assert abs(accuracy - reported["val_accuracy"]) < 0.04

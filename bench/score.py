@@ -89,8 +89,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 0])
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--baselines-at", type=int, default=0, help="size at which to run the baselines")
-    parser.add_argument("--job-args", default="--threads-per-actor 2",
-                        help="extra flags for jobs.score (one string)")
+    parser.add_argument("--job-args", default="", help="extra flags for jobs.score (one string)")
     args = parser.parse_args()
     everything = list_images(args.input)
     predictor = Predictor(device="cpu")

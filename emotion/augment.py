@@ -4,7 +4,8 @@ Only changes that keep the expression: mirroring, whole-pixel shifts, and for a 
 images a small rotation and scale plus mild photometric noise. Most images stay pixel-exact:
 bilinear resampling of every 48x48 training face blurs it, so the network would learn on softer
 faces than it is evaluated on. Warping every image left the previous default model under-fitting
-(61.7% validation accuracy, 61.2% on its own augmented training batches); this mix gave 63.5% in as many epochs, and 64.9% in 40.
+(61.7% validation accuracy, 61.2% on its own augmented training batches); this mix gave 63.5% in
+as many epochs, and 64.9% in 40.
 """
 
 import math

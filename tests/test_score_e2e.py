@@ -96,7 +96,7 @@ def test_killed_run_resumes_and_ends_with_each_path_once(ray_cluster, tmp_path, 
     args = ["python", "-m", "jobs.score", "--input", str(folder), "--output", str(out),
             "--model", str(model_path), "--batch-size", "20", "--files-per-block", "100",
             # On a resumed run Ray Data adds a checkpoint-filter actor (1 CPU) to the 2-CPU head.
-            "--cpus-per-actor", "0.5"]
+            "--actors", "1", "--cpus-per-actor", "0.5"]
     started = ray_cluster.submit(*args, wait=False)
     job_id = started.stdout.split("Job '")[1].split("'")[0]
     deadline = time.monotonic() + 300

@@ -1,7 +1,7 @@
 """Batch augmentation for face training, run on the training device as tensor ops.
 
-Only changes that keep the expression: mirroring, whole-pixel shifts, and for a minority of
-images a small rotation and scale plus mild photometric noise. Most images stay pixel-exact:
+Only changes that keep the expression: mirroring and whole-pixel shifts for every image, a small
+rotation and scale for a minority, and mild photometric changes. Most images are never resampled:
 bilinear resampling of every 48x48 training face blurs it, so the network would learn on softer
 faces than it is evaluated on. Warping every image left the previous default model under-fitting
 (61.7% validation accuracy, 61.2% on its own augmented training batches); this mix gave 63.5% in

@@ -25,6 +25,7 @@ from sklearn.model_selection import train_test_split
 
 from emotion.augment import augment_faces
 from emotion.checkpoint import new_checkpoint, save_checkpoint
+from emotion.flip import flip_averaged_logits
 from emotion.folders import list_labelled_images, read_many
 from emotion.labels import LABELS
 from emotion.models import build_model
@@ -151,7 +152,7 @@ def evaluate(
     for start in range(0, len(x), batch_size):
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
         with autocast(precision, xb.device):
-            logits = (model(xb) + model(torch.flip(xb, dims=[3]))).float() / 2
+            logits = flip_averaged_logits(model, xb)
         losses.append(F.cross_entropy(logits, yb, reduction="sum").item())
         preds.append(logits.argmax(1).cpu().numpy())
     return sum(losses) / len(x), np.concatenate(preds)

@@ -16,13 +16,12 @@ def test_device_defaults_to_cpu_without_cuda_and_is_overridable():
     assert pick_device("cuda:1") == torch.device("cuda", 1)
 
 
-def test_probabilities_match_a_hand_computed_forward(tmp_path):
-    """The Predictor folds batch norms, slices batches and pairs images with mirrors in one pass;
-    none of that may change what the plain trained module computes."""
+def _trained_like_checkpoint(tmp_path):
+    """The tiny model with batch-norm statistics a trained model would have, so folding has work."""
     checkpoint = tiny_checkpoint()
     trained = checkpoint.build()
     torch.manual_seed(0)
-    for module in trained.modules():  # statistics a trained model would have: folding has work to do
+    for module in trained.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.normal_(0, 0.3)
             module.running_var.uniform_(0.5, 1.5)
@@ -30,21 +29,56 @@ def test_probabilities_match_a_hand_computed_forward(tmp_path):
             module.bias.data.normal_(0, 0.3)
     checkpoint = dataclasses.replace(checkpoint, state_dict=trained.state_dict())
     save_checkpoint(checkpoint, tmp_path / "bn.pt")
-    predictor = Predictor(tmp_path / "bn.pt", device="cpu", precision="fp32")
-    rng = np.random.default_rng(0)
-    # Noise from near-black to bright, so the images land on visibly different outputs.
-    levels = np.linspace(0.05, 1, 2 * CPU_MICRO_BATCH + 3)[:, None, None, None]
-    pixels = (rng.integers(0, 256, (len(levels), 48, 48, 1)) * levels).astype(np.uint8)
-    probs = predictor.predict_pixels(pixels)
-    assert probs.shape == (len(pixels), 7) and probs.dtype == np.float32
-    assert np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+    return checkpoint, tmp_path / "bn.pt"
 
+
+def _varied_pixels() -> np.ndarray:
+    """Noise from near-black to bright, so the images land on visibly different outputs."""
+    rng = np.random.default_rng(0)
+    levels = np.linspace(0.05, 1, 2 * CPU_MICRO_BATCH + 3)[:, None, None, None]
+    return (rng.integers(0, 256, (len(levels), 48, 48, 1)) * levels).astype(np.uint8)
+
+
+def test_probabilities_match_a_hand_computed_forward(tmp_path):
+    """The Predictor folds batch norms, slices batches and mirrors only unsure images; none of that
+    may change what the plain trained module computes for each image."""
+    checkpoint, path = _trained_like_checkpoint(tmp_path)
+    pixels = _varied_pixels()
     model = checkpoint.build().eval()
     x = torch.from_numpy(normalize(pixels, (0.5,), (0.25,)))
     with torch.inference_mode():
-        expected = torch.softmax((model(x) + model(torch.flip(x, dims=[3]))) / 2, dim=1).numpy()
+        plain, mirrored = model(x), model(torch.flip(x, dims=[3]))
+    top2 = torch.softmax(plain, dim=1).topk(2, dim=1).values
+    margins = np.sort((top2[:, 0] - top2[:, 1]).numpy())
+    cut = float(margins[len(margins) // 2 : len(margins) // 2 + 2].mean())
+    unsure = (top2[:, 0] - top2[:, 1] < cut)[:, None]
+    expected = torch.softmax(torch.where(unsure, (plain + mirrored) / 2, plain), dim=1).numpy()
+
+    predictor = Predictor(path, device="cpu", precision="fp32", flip_margin=cut)
+    probs = predictor.predict_pixels(pixels)
+    assert probs.shape == (len(pixels), 7) and probs.dtype == np.float32
+    assert np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+    assert 0 < int(unsure.sum()) < len(pixels), "the cut must mirror some images and not others"
     assert np.abs(expected - expected.mean(axis=0)).max() > 1e-3, "inputs too alike to tell apart"
     assert np.allclose(probs, expected, atol=1e-6)
+    # Alone or in a batch, an image gets the same answer.
+    assert np.allclose(predictor.predict_pixels(pixels[3:4]), probs[3:4], atol=1e-6)
+
+
+def test_flip_margin_bounds_mirror_nothing_or_everything(tmp_path):
+    checkpoint, path = _trained_like_checkpoint(tmp_path)
+    pixels = _varied_pixels()
+    model = checkpoint.build().eval()
+    x = torch.from_numpy(normalize(pixels, (0.5,), (0.25,)))
+    with torch.inference_mode():
+        plain, mirrored = model(x), model(torch.flip(x, dims=[3]))
+    never = Predictor(path, device="cpu", precision="fp32", flip_margin=0).predict_pixels(pixels)
+    always = Predictor(path, device="cpu", precision="fp32", flip_margin=1).predict_pixels(pixels)
+    assert np.allclose(never, torch.softmax(plain, dim=1).numpy(), atol=1e-6)
+    assert np.allclose(always, torch.softmax((plain + mirrored) / 2, dim=1).numpy(), atol=1e-6)
+    unflipped = dataclasses.replace(checkpoint, test_time_flip=False)
+    assert np.allclose(Predictor(unflipped, device="cpu", precision="fp32", flip_margin=1)
+                       .predict_pixels(pixels), never, atol=1e-6)
 
 
 def test_bytes_in_results_out_with_errors_in_place(tiny_checkpoint_path):

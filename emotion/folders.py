@@ -15,13 +15,15 @@ IMAGE_EXTENSIONS = frozenset(
 )
 
 
-def filesystem(uri: str) -> tuple[AbstractFileSystem, str]:
+def filesystem(uri: str, endpoint_url: str | None = None) -> tuple[AbstractFileSystem, str]:
     """The fsspec filesystem for `uri` and the path inside it.
 
     S3 uses the standard AWS credential chain; S3-compatible stores are reached through
-    AWS_ENDPOINT_URL, which botocore reads itself.
+    AWS_ENDPOINT_URL, which botocore reads itself, or `endpoint_url`, which travels with the
+    filesystem when it is shipped to Ray workers whose environment may not have the variable.
     """
-    fs, path = fsspec.core.url_to_fs(uri)
+    options = {"endpoint_url": endpoint_url} if endpoint_url and uri.startswith("s3://") else {}
+    fs, path = fsspec.core.url_to_fs(uri, **options)
     return fs, path
 
 

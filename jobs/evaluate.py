@@ -31,7 +31,6 @@ import torch
 from emotion.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, CheckpointError, load_checkpoint
 from emotion.folders import (
     absolute_uri,
-    arrow_filesystem,
     filesystem,
     list_labelled_images,
     read_many,
@@ -267,7 +266,7 @@ def score_set(job: EvaluateJob, labelled: LabelledInput) -> tuple[pd.DataFrame, 
     efficiency measured while producing them."""
     started = time.monotonic()
     ds = score_files(labelled.paths, job.checkpoint, job.pipeline,
-                     arrow_filesystem(labelled.uri, job.endpoint_url), timing=True)
+                     filesystem(labelled.uri, job.endpoint_url)[0], timing=True)
     df = ds.to_pandas()
     seconds = time.monotonic() - started
     truth = pd.DataFrame({

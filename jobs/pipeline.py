@@ -1,13 +1,12 @@
 """The scoring pipeline on Ray Data, shared by `jobs.score` and `jobs.evaluate`.
 
-Files are read as bytes with their paths, decoded by stateless CPU tasks, and scored by an actor
-pool that holds one `emotion.Predictor` per actor, so accelerators never wait on JPEG decoding.
-An undecodable file becomes a row with status "error"; it never fails a task. Decoding tasks
-reserve a different CPU share from the actors on purpose: Ray Data fuses adjacent operators with
-identical resources, which would put decoding back inside the inference actors.
+Files are read and decoded by stateless CPU read tasks (`jobs.decoding.ImageFiles`) and scored by
+an actor pool that holds one `emotion.Predictor` per actor, so accelerators never wait on JPEG
+decoding. An unreadable or undecodable file becomes a row with status "error"; it never fails a
+task. Read tasks reserve a different CPU share from the actors on purpose: Ray Data fuses adjacent
+operators with identical resources, which would put decoding back inside the inference actors.
 """
 
-import math
 import resource
 import time
 from dataclasses import dataclass
@@ -17,12 +16,13 @@ import numpy as np
 import ray
 import ray.data
 import torch
+from fsspec import AbstractFileSystem
 from ray.data import ActorPoolStrategy
 
 from emotion.checkpoint import Checkpoint
 from emotion.predictor import Predictor
 from emotion.preprocess import DEFAULT_MAX_PIXELS
-from jobs.decoding import decode_batch
+from jobs.decoding import ImageFiles
 
 PROGRESS_ACTOR = "emotion-ray-progress"
 
@@ -133,32 +133,28 @@ def score_files(
     paths: list[str],
     checkpoint: Checkpoint,
     config: PipelineConfig,
-    filesystem: Any = None,
+    filesystem: AbstractFileSystem,
     timing: bool = False,
 ) -> ray.data.Dataset:
-    """A lazy Dataset of one prediction row per file in `paths` (nothing runs until consumed).
+    """A lazy Dataset of one prediction row per file in `paths`, read through `filesystem`
+    (nothing runs until consumed). Paths in the output have no scheme (bucket/key for S3).
 
     `timing` adds the efficiency columns of `ScoreBatch` (inference_seconds, peak_rss_bytes,
     peak_gpu_bytes).
     """
-    read_paths = [p.split("://", 1)[1] if "://" in p else p for p in paths]
-    # Blocks are the unit of output files and of resumption: a stopped run redoes at most the
-    # blocks in flight, so they are kept to a bounded number of files.
-    ds = ray.data.read_binary_files(
-        read_paths,
-        include_paths=True,
-        filesystem=filesystem,
-        num_cpus=config.preprocess_cpus,
-        override_num_blocks=max(1, math.ceil(len(read_paths) / config.files_per_block)),
+    # Read tasks are the unit of output files and of resumption: a stopped run redoes at most
+    # the tasks in flight, so they hold a bounded number of files.
+    files = ImageFiles(
+        [p.split("://", 1)[1] if "://" in p else p for p in paths],
+        filesystem,
+        size=checkpoint.input_size,
+        channels=checkpoint.channels,
+        max_pixels=config.max_pixels,
+        files_per_task=config.files_per_block,
+        rows_per_block=config.batch_size,
     )
-    ds = ds.map_batches(
-        decode_batch,
-        fn_kwargs={
-            "size": checkpoint.input_size,
-            "channels": checkpoint.channels,
-            "max_pixels": config.max_pixels,
-        },
-        batch_size=config.batch_size,
+    ds = ray.data.read_datasource(
+        files,
         num_cpus=config.preprocess_cpus,
         compute=ray.data.TaskPoolStrategy(size=config.preprocess_concurrency),
     )

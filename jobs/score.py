@@ -233,7 +233,7 @@ def run(job: ScoreJob) -> dict[str, Any]:
     )
     reporter.start()
     try:
-        ds = score_files(job.paths, job.checkpoint, job.pipeline, arrow_filesystem(job.input, job.endpoint_url))
+        ds = score_files(job.paths, job.checkpoint, job.pipeline, filesystem(job.input, job.endpoint_url)[0])
         ds.write_parquet(job.output.split("://", 1)[-1] if arrow_fs else job.output, filesystem=arrow_fs)
     finally:
         stop.set()

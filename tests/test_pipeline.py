@@ -3,13 +3,15 @@
 import subprocess
 import sys
 
+import fsspec
 import numpy as np
 import pytest
 import ray
 from ray.data import ActorPoolStrategy
+from ray.data.block import BlockAccessor
 
 from emotion.preprocess import decode_image
-from jobs.decoding import decode_batch
+from jobs.decoding import ImageFiles, decode_files
 from jobs.pipeline import PipelineConfig, ScoreBatch, score_files
 from tests.conftest import tiny_checkpoint
 from tests.images import jpeg
@@ -26,7 +28,7 @@ def local_ray():
 def test_gpu_plan_reserves_gpus_per_actor_without_a_gpu(local_ray, tmp_path):
     (tmp_path / "a.jpg").write_bytes(jpeg())
     config = PipelineConfig(gpus_per_actor=0.5, min_actors=2, max_actors=8, batch_size=64)
-    ds = score_files([str(tmp_path / "a.jpg")], tiny_checkpoint(), config)
+    ds = score_files([str(tmp_path / "a.jpg")], tiny_checkpoint(), config, fsspec.filesystem("file"))
     actor_op = ds._logical_plan.dag
     decode_op = actor_op.input_dependencies[0]
     assert actor_op.ray_remote_args["num_gpus"] == 0.5
@@ -39,26 +41,40 @@ def test_gpu_plan_reserves_gpus_per_actor_without_a_gpu(local_ray, tmp_path):
 
 def test_cpu_plan_uses_the_default_device(local_ray, tmp_path):
     (tmp_path / "a.jpg").write_bytes(jpeg())
-    ds = score_files([str(tmp_path / "a.jpg")], tiny_checkpoint(), PipelineConfig())
+    ds = score_files([str(tmp_path / "a.jpg")], tiny_checkpoint(), PipelineConfig(), fsspec.filesystem("file"))
     assert ds._logical_plan.dag.fn_constructor_kwargs["device"] is None
     assert ds._logical_plan.dag.ray_remote_args.get("num_gpus", 0) == 0
 
 
 def test_decode_then_score_a_batch_by_hand():
-    batch = {
-        "path": np.asarray(["a.jpg", "b.jpg", "c.jpg"], dtype=object),
-        "bytes": np.asarray([jpeg(seed=1), b"junk", jpeg(seed=2)], dtype=object),
-    }
-    decoded = decode_batch(batch, 48, 1, 10_000)
-    assert decoded["pixels"].shape == (3, 48, 48, 1)
-    assert list(decoded["status"]) == ["ok", "error", "ok"]
+    contents = [jpeg(seed=1), b"junk", PermissionError(13, "Permission denied"), jpeg(seed=2)]
+    decoded = decode_files(["a.jpg", "b.jpg", "c.jpg", "d.jpg"], contents, 48, 1, 10_000)
+    assert decoded["pixels"].shape == (4, 48, 48, 1)
+    assert list(decoded["status"]) == ["ok", "error", "error", "ok"]
     assert np.array_equal(decoded["pixels"][0], decode_image(jpeg(seed=1), 48, 1).pixels)
     scored = ScoreBatch(tiny_checkpoint(), "cpu", "fp32", None)(decoded)
-    assert list(scored["error"]) == [None, "not an image", None]
+    assert list(scored["error"]) == [
+        None, "not an image", "unreadable: PermissionError: [Errno 13] Permission denied", None
+    ]
     assert np.isnan(scored["confidence"][1]) and scored["predicted_class"][1] == -1
     probs = np.stack([scored[k] for k in scored if k.startswith("prob_")], axis=1)
-    assert np.allclose(probs[[0, 2]].sum(axis=1), 1, atol=1e-5)
-    assert np.allclose(probs[[0, 2]].max(axis=1), scored["confidence"][[0, 2]])
+    assert np.allclose(probs[[0, 3]].sum(axis=1), 1, atol=1e-5)
+    assert np.allclose(probs[[0, 3]].max(axis=1), scored["confidence"][[0, 3]])
+
+
+def test_read_tasks_hold_a_bounded_number_of_files(tmp_path):
+    """Tasks are the unit of resumption, so their size is fixed by files_per_task, not by Ray."""
+    paths = []
+    for i in range(7):
+        (tmp_path / f"{i}.jpg").write_bytes(jpeg(seed=i))
+        paths.append(str(tmp_path / f"{i}.jpg"))
+    files = ImageFiles(paths, fsspec.filesystem("file"), 48, 1, 10_000, files_per_task=3, rows_per_block=2)
+    tasks = files.get_read_tasks(parallelism=100)
+    assert [t.metadata.num_rows for t in tasks] == [3, 3, 1]
+    blocks = [BlockAccessor.for_block(b) for b in tasks[0]()]
+    assert [b.num_rows() for b in blocks] == [2, 1]
+    assert blocks[0].to_numpy("path").tolist() == paths[:2]
+    assert blocks[0].to_numpy("pixels").shape == (2, 48, 48, 1)
 
 
 def test_decoding_workers_do_not_import_torch():

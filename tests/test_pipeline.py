@@ -68,13 +68,17 @@ def test_read_tasks_hold_a_bounded_number_of_files(tmp_path):
     for i in range(7):
         (tmp_path / f"{i}.jpg").write_bytes(jpeg(seed=i))
         paths.append(str(tmp_path / f"{i}.jpg"))
+    paths.append(str(tmp_path / "deleted after listing.jpg"))
     files = ImageFiles(paths, fsspec.filesystem("file"), 48, 1, 10_000, files_per_task=3, rows_per_block=2)
     tasks = files.get_read_tasks(parallelism=100)
-    assert [t.metadata.num_rows for t in tasks] == [3, 3, 1]
+    assert [t.metadata.num_rows for t in tasks] == [3, 3, 2]
     blocks = [BlockAccessor.for_block(b) for b in tasks[0]()]
     assert [b.num_rows() for b in blocks] == [2, 1]
     assert blocks[0].to_numpy("path").tolist() == paths[:2]
     assert blocks[0].to_numpy("pixels").shape == (2, 48, 48, 1)
+    last = BlockAccessor.for_block(next(iter(tasks[2]()))).to_pandas()
+    assert last["status"].tolist() == ["ok", "error"]
+    assert last["error"][1].startswith("unreadable: FileNotFoundError")
 
 
 def test_decoding_workers_do_not_import_torch():

@@ -32,8 +32,8 @@ class Predictor:
 
     Preprocessing is taken from the checkpoint, never from the caller, so every entry point feeds
     the network exactly what it was trained on. `precision="auto"` runs bfloat16 where the device
-    has native units for it (AMX CPUs, recent GPUs): 2-3x the throughput for probabilities that
-    differ from float32 by about 1e-2.
+    has native instructions for it (AVX512-BF16 or AMX CPUs, recent GPUs): about 2x the throughput
+    for probabilities that differ from float32 by about 1e-2.
 
     The loaded network is prepared for inference only: batch norms are folded into the
     convolutions before them and, in bfloat16, the weights are cast once rather than on every

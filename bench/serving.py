@@ -2,8 +2,7 @@
 
     python bench/serving.py [--seconds 15] [--concurrency 1 8 32]
 
-Starts `serve run` on conf/serve.yaml (a local Ray started with conf/serve.env, torch threads set
-to the machine's cores) and `uvicorn bench.baseline_app:app`, then drives each with closed-loop
+Starts `serve run` on conf/serve.yaml as configured (a local Ray started with conf/serve.env) and `uvicorn bench.baseline_app:app`, then drives each with closed-loop
 clients at each concurrency (8 per load-generating process), for 48x48 faces and for 640x480
 photos, and prints requests/s, p50 and p99 latency and ratios.
 A third server, `bench.noop_app` (Serve with no model), shows what Serve's own request path
@@ -122,7 +121,6 @@ def main() -> None:
                **serving_env())
     config = yaml.safe_load((ROOT / "conf" / "serve.yaml").read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": 8000}
-    config["applications"][0]["args"]["torch_threads"] = os.cpu_count()
     images = {"48x48 face": next((ROOT / "examples" / "faces" / "happy").glob("*.jpg")).read_bytes(),
               "640x480 photo": photo()}
     results: dict[tuple[str, str, int], tuple[float, float, float, int]] = {}

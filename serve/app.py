@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -109,10 +110,10 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     @serve.ingress(api)
     class Emotion:
         def __init__(self) -> None:
-            # Ray pins a replica's OMP_NUM_THREADS to its CPU reservation; on a CPU-only node the
-            # forward pass may use more cores than the replica reserves.
-            if settings.torch_threads:
-                torch.set_num_threads(settings.torch_threads)
+            # Without a setting, torch would start a thread per core in every replica: two replicas
+            # of two threads on 2 cores answered 177 requests/s at 32 clients, of one thread 275.
+            reserved = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+            torch.set_num_threads(settings.torch_threads or max(int(reserved), 1))
             self.cards = cards
             self.specs = {name: (c["input_size"], c["channels"]) for name, c in cards.items()}
             self.loaded: dict[str, int] = {}

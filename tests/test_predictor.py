@@ -39,15 +39,20 @@ def _varied_pixels() -> np.ndarray:
     return (rng.integers(0, 256, (len(levels), 48, 48, 1)) * levels).astype(np.uint8)
 
 
+def _plain_and_mirrored_logits(checkpoint, pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the trained module itself computes for the images and for their mirrors."""
+    model = checkpoint.build().eval()
+    x = torch.from_numpy(normalize(pixels, (0.5,), (0.25,)))
+    with torch.inference_mode():
+        return model(x), model(torch.flip(x, dims=[3]))
+
+
 def test_probabilities_match_a_hand_computed_forward(tmp_path):
     """The Predictor folds batch norms, slices batches and mirrors only unsure images; none of that
     may change what the plain trained module computes for each image."""
     checkpoint, path = _trained_like_checkpoint(tmp_path)
     pixels = _varied_pixels()
-    model = checkpoint.build().eval()
-    x = torch.from_numpy(normalize(pixels, (0.5,), (0.25,)))
-    with torch.inference_mode():
-        plain, mirrored = model(x), model(torch.flip(x, dims=[3]))
+    plain, mirrored = _plain_and_mirrored_logits(checkpoint, pixels)
     top2 = torch.softmax(plain, dim=1).topk(2, dim=1).values
     margins = np.sort((top2[:, 0] - top2[:, 1]).numpy())
     cut = float(margins[len(margins) // 2 : len(margins) // 2 + 2].mean())
@@ -68,10 +73,7 @@ def test_probabilities_match_a_hand_computed_forward(tmp_path):
 def test_flip_margin_bounds_mirror_nothing_or_everything(tmp_path):
     checkpoint, path = _trained_like_checkpoint(tmp_path)
     pixels = _varied_pixels()
-    model = checkpoint.build().eval()
-    x = torch.from_numpy(normalize(pixels, (0.5,), (0.25,)))
-    with torch.inference_mode():
-        plain, mirrored = model(x), model(torch.flip(x, dims=[3]))
+    plain, mirrored = _plain_and_mirrored_logits(checkpoint, pixels)
     never = Predictor(path, device="cpu", precision="fp32", flip_margin=0).predict_pixels(pixels)
     always = Predictor(path, device="cpu", precision="fp32", flip_margin=1).predict_pixels(pixels)
     assert np.allclose(never, torch.softmax(plain, dim=1).numpy(), atol=1e-6)

@@ -61,12 +61,17 @@ class ImageFiles(Datasource):
         return tasks
 
     def _reader(self, paths: list[str]) -> Callable[[], Iterator[Block]]:
+        # The task closes over its own paths and settings only: closing over `self` would ship
+        # every path of the job with every task.
+        filesystem, rows_per_block = self.filesystem, self.rows_per_block
+        size, channels, max_pixels = self.size, self.channels, self.max_pixels
+
         def read_images() -> Iterator[Block]:
-            for start in range(0, len(paths), self.rows_per_block):
-                chunk = paths[start : start + self.rows_per_block]
-                contents = self.filesystem.cat(chunk, on_error="return")
+            for start in range(0, len(paths), rows_per_block):
+                chunk = paths[start : start + rows_per_block]
+                contents = filesystem.cat(chunk, on_error="return")
                 yield BlockAccessor.batch_to_block(
-                    decode_files(chunk, [contents[p] for p in chunk], self.size, self.channels, self.max_pixels)
+                    decode_files(chunk, [contents[p] for p in chunk], size, channels, max_pixels)
                 )
 
         return read_images

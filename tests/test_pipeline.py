@@ -7,6 +7,7 @@ import fsspec
 import numpy as np
 import pytest
 import ray
+from ray import cloudpickle
 from ray.data import ActorPoolStrategy
 from ray.data.block import BlockAccessor
 
@@ -76,6 +77,9 @@ def test_read_tasks_hold_a_bounded_number_of_files(tmp_path):
     assert [b.num_rows() for b in blocks] == [2, 1]
     assert blocks[0].to_numpy("path").tolist() == paths[:2]
     assert blocks[0].to_numpy("pixels").shape == (2, 48, 48, 1)
+    many = ImageFiles([f"/faces/{i:06d}.jpg" for i in range(100_000)], fsspec.filesystem("file"), 48, 1,
+                      10_000, files_per_task=3, rows_per_block=2)
+    assert len(cloudpickle.dumps(many.get_read_tasks(1)[0])) < 5_000, "a task must not carry every path"
     last = BlockAccessor.for_block(next(iter(tasks[2]()))).to_pandas()
     assert last["status"].tolist() == ["ok", "error"]
     assert last["error"][1].startswith("unreadable: FileNotFoundError")

@@ -84,6 +84,5 @@ def test_default_checkpoint_is_embedded():
     assert checkpoint.labels == LABELS
     assert checkpoint.input_size == 48 and checkpoint.channels == 1
     validation = checkpoint.metrics["validation"]
-    # Floors at the committed model's level (64.9%, 0.614), below the 66% accuracy it is meant to reach:
-    # they catch a broken or swapped file, not the target, which docs/model-card.md reports as missed.
-    assert validation["val_accuracy"] >= 0.645 and validation["val_macro_f1"] >= 0.61
+    # The targets (66%, 0.60); the committed model reports 66.4% / 0.637 (docs/model-card.md).
+    assert validation["val_accuracy"] >= 0.66 and validation["val_macro_f1"] >= 0.60

@@ -18,11 +18,10 @@ def test_default_model_accuracy_on_a_fixed_validation_sample():
     accuracy = accuracy_score(labels, predicted)
     macro_f1 = f1_score(labels, predicted, average="macro")
     assert len(paths) == 898
-    # The committed model measures 64.9% / 0.614 on the whole set and 65.5% / 0.616 on this sample
-    # (docs/model-card.md); these floors catch a broken model or a preprocessing drift, not the
-    # 66% accuracy target it still misses.
-    assert accuracy >= 0.63, accuracy
-    assert macro_f1 >= 0.59, macro_f1
+    # The committed model measures 66.3% / 0.635 on the whole set and 66.5% / 0.647 on this sample
+    # (docs/model-card.md); these floors catch a broken model or a preprocessing drift.
+    assert accuracy >= 0.645, accuracy
+    assert macro_f1 >= 0.62, macro_f1
     reported = predictor.checkpoint.metrics["validation"]
     # The sample is a quarter of the set the card reports on: the two must roughly agree.
     assert abs(accuracy - reported["val_accuracy"]) < 0.04

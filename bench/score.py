@@ -101,7 +101,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 0])
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=512, help="for the baselines; the job uses conf/score.yaml")
     parser.add_argument("--baselines-at", type=int, default=0, help="size at which to run the baselines")
     parser.add_argument("--job-args", default="", help="extra flags for jobs.score (one string)")
     args = parser.parse_args()

@@ -69,16 +69,20 @@ def decode_image(
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
         width, height = image.size
-        if image.getexif().get(0x0112) in _ROTATING_ORIENTATIONS:
+        orientation = image.getexif().get(0x0112)
+        if orientation in _ROTATING_ORIENTATIONS:
             width, height = height, width
         if width * height > max_pixels:
             return _failure(f"too many pixels: {width * height}", width, height)
         # JPEG can decode at 1/2, 1/4 or 1/8 scale directly: large photos cost a fraction to read.
         image.draft("L" if channels == 1 else "RGB", (size, size))
         image.load()
-        image = ImageOps.exif_transpose(image)
+        if orientation not in (None, 1):
+            image = ImageOps.exif_transpose(image)
         image = _flatten_alpha(_to_8bit(image))
-        image = image.convert("L" if channels == 1 else "RGB")
+        mode = "L" if channels == 1 else "RGB"
+        if image.mode != mode:
+            image = image.convert(mode)
         if image.size != (size, size):
             image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
         pixels = np.asarray(image, dtype=np.uint8).reshape(size, size, channels)

@@ -49,8 +49,8 @@ class ImageFiles(Datasource):
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context: object = None) -> list[ReadTask]:
-        """One task per `files_per_task` files, whatever parallelism Ray Data suggests: tasks
-        are the unit of resumption, so their size is the job's choice."""
+        """One task per `files_per_task` files, whatever parallelism Ray Data suggests: task size
+        bounds the work in flight, so it is the job's choice."""
         tasks = []
         for start in range(0, len(self.paths), self.files_per_task):
             chunk = self.paths[start : start + self.files_per_task]

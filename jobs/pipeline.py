@@ -142,8 +142,8 @@ def score_files(
     `timing` adds the efficiency columns of `ScoreBatch` (inference_seconds, peak_rss_bytes,
     peak_gpu_bytes).
     """
-    # Read tasks are the unit of output files and of resumption: a stopped run redoes at most
-    # the tasks in flight, so they hold a bounded number of files.
+    # Read tasks hold a bounded number of files, so the rows in flight between reading and a
+    # written Parquet file (what a stopped run redoes) stay bounded too.
     files = ImageFiles(
         [p.split("://", 1)[1] if "://" in p else p for p in paths],
         filesystem,

@@ -53,6 +53,7 @@ class ScoreJob:
     overwrite: bool
     progress_interval: float
     endpoint_url: str | None
+    rows_per_file: int
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="checkpoint path or s3:// URI (default: the embedded model)")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--files-per-block", type=int, help="files per Ray Data block (unit of resumption)")
+    parser.add_argument("--rows-per-file", type=int, help="rows gathered into each Parquet file, at least")
     parser.add_argument("--actors", type=int, help="fixed number of inference actors")
     parser.add_argument("--min-actors", type=int, help="autoscaling pool: smallest size")
     parser.add_argument("--max-actors", type=int, help="autoscaling pool: largest size")
@@ -87,8 +89,8 @@ def _positive(value: float | None, flag: str, allow_zero: bool = False) -> None:
 
 def plan_job(args: argparse.Namespace) -> ScoreJob:
     """Check every input before any cluster work: a bad flag costs seconds, not a job."""
-    for flag in ("batch_size", "files_per_block", "actors", "min_actors", "max_actors", "limit", "preprocess_tasks",
-                 "threads_per_actor"):
+    for flag in ("batch_size", "files_per_block", "rows_per_file", "actors", "min_actors", "max_actors", "limit",
+                 "preprocess_tasks", "threads_per_actor"):
         _positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     _positive(args.gpus_per_actor, "--gpus-per-actor", allow_zero=True)
     _positive(args.cpus_per_actor, "--cpus-per-actor", allow_zero=True)
@@ -143,6 +145,7 @@ def plan_job(args: argparse.Namespace) -> ScoreJob:
         overwrite=args.overwrite,
         progress_interval=args.progress_interval,
         endpoint_url=args.endpoint_url,
+        rows_per_file=args.rows_per_file,
     )
 
 
@@ -234,7 +237,8 @@ def run(job: ScoreJob) -> dict[str, Any]:
     reporter.start()
     try:
         ds = score_files(job.paths, job.checkpoint, job.pipeline, filesystem(job.input, job.endpoint_url)[0])
-        ds.write_parquet(job.output.split("://", 1)[-1] if arrow_fs else job.output, filesystem=arrow_fs)
+        ds.write_parquet(job.output.split("://", 1)[-1] if arrow_fs else job.output, filesystem=arrow_fs,
+                         min_rows_per_file=job.rows_per_file)
     finally:
         stop.set()
         reporter.join()

@@ -94,7 +94,7 @@ def test_killed_run_resumes_and_ends_with_each_path_once(ray_cluster, tmp_path, 
         (folder / f"f{i:05d}.jpg").write_bytes(jpeg(seed=i % 50))
     out = tmp_path / "out"
     args = ["python", "-m", "jobs.score", "--input", str(folder), "--output", str(out),
-            "--model", str(model_path), "--batch-size", "20", "--files-per-block", "100",
+            "--model", str(model_path), "--batch-size", "20", "--files-per-block", "100", "--rows-per-file", "100",
             # On a resumed run Ray Data adds a checkpoint-filter actor (1 CPU) to the 2-CPU head.
             "--actors", "1", "--cpus-per-actor", "0.5"]
     started = ray_cluster.submit(*args, wait=False)

@@ -21,8 +21,17 @@ def augment_faces(
     warp_fraction: float = 0.3,
     max_rotation_deg: float = 10.0,
     scale_range: tuple[float, float] = (0.92, 1.08),
+    photometric_fraction: float = 0.5,
+    blur_fraction: float = 0.05,
+    noise_fraction: float = 0.2,
 ) -> torch.Tensor:
-    """Randomly transform a normalised N x C x H x W batch, each image independently."""
+    """Randomly transform a normalised N x C x H x W batch, each image independently.
+
+    Every image is mirrored at random and shifted by whole pixels; `warp_fraction` of them are
+    also rotated and scaled, `photometric_fraction` get a contrast and brightness change,
+    `blur_fraction` a light blur and `noise_fraction` Gaussian noise. Fractions of 0 leave only
+    flips and shifts, the plain recipe ablations compare against (`jobs.train --augmentation`).
+    """
     n, device = x.shape[0], x.device
     height, width = x.shape[-2:]
 
@@ -51,13 +60,13 @@ def augment_faces(
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
-    photometric = chance(0.5).view(n, 1, 1, 1)
+    photometric = chance(photometric_fraction).view(n, 1, 1, 1)
     contrast = uniform(0.85, 1.15).view(n, 1, 1, 1)
     brightness = uniform(-0.15, 0.15).view(n, 1, 1, 1)
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
     out = torch.where(photometric, (out - mean) * contrast + mean + brightness, out)
 
-    blur = chance(0.05).view(n, 1, 1, 1)
+    blur = chance(blur_fraction).view(n, 1, 1, 1)
     channels = out.shape[1]
     kernel = torch.tensor([1.0, 2.0, 1.0], device=device)
     kernel = (kernel[:, None] * kernel[None, :] / 16).expand(channels, 1, 3, 3)
@@ -65,4 +74,4 @@ def augment_faces(
     out = torch.where(blur, blurred, out)
 
     noise = torch.randn(out.shape, generator=generator).to(device)
-    return out + noise * torch.where(chance(0.2), uniform(0, 0.05), 0.0).view(n, 1, 1, 1)
+    return out + noise * torch.where(chance(noise_fraction), uniform(0, 0.05), 0.0).view(n, 1, 1, 1)

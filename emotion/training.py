@@ -57,6 +57,7 @@ class TrainConfig:
     precision: str = "auto"
     seed: int = 0
     limit_per_class: int | None = None
+    augmentation: dict[str, Any] = field(default_factory=dict)
     name: str = "emotion_cnn_fer2013"
 
 
@@ -207,7 +208,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         started, total_loss, correct = time.perf_counter(), 0.0, 0
         for step in range(steps):
             idx = mine[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            xb = augment_faces(x_train[idx].to(device), generator)
+            xb = augment_faces(x_train[idx].to(device), generator, **cfg.augmentation)
             xb = xb.contiguous(memory_format=torch.channels_last)
             yb = y_train[idx].to(device)
             with autocast(precision, device):

@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="checkpoint file to write, local or s3://")
     parser.add_argument("--arch", help="architecture name (emotion_cnn or a torchvision model)")
     parser.add_argument("--arch-kwargs", type=json.loads, default={}, help='JSON, e.g. \'{"image_size": 48}\'')
+    parser.add_argument("--augmentation", type=json.loads, default={},
+                        help='JSON keyword arguments of emotion.augment.augment_faces, e.g. \'{"warp_fraction": 0}\'')
     parser.add_argument("--input-size", type=int, default=48)
     parser.add_argument("--channels", type=int, choices=(1, 3), default=1)
     parser.add_argument("--epochs", type=int)
@@ -85,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         precision=args.precision,
         seed=args.seed,
         limit_per_class=args.limit_per_class,
+        augmentation=args.augmentation,
         name=args.name,
     )
     ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)

@@ -25,3 +25,11 @@ def test_registry_names_are_accepted():
     names = available_architectures()
     assert names[0] == "emotion_cnn"
     assert set(TORCHVISION_ARCHITECTURES) <= set(names)
+
+
+def test_grid_head_reads_each_cell_of_the_last_feature_map():
+    model = build_model("emotion_cnn", 7, 1, depth=2, grid=3, hidden=32).eval()
+    linears = [m for m in model.head if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(256 * 9, 32), (32, 7)]
+    with torch.inference_mode():
+        assert model(torch.randn(2, 1, 48, 48)).shape == (2, 7)

@@ -84,3 +84,16 @@ def test_unwarped_faces_are_shifted_and_mirrored_without_resampling():
         )
         exact += any(torch.allclose(c, augmented[8:40, 8:40], atol=1e-5) for c in candidates)
     assert 0.15 < exact / len(x) < 0.5
+
+
+def test_plain_augmentation_only_shifts_and_mirrors():
+    x = torch.randn(64, 1, 48, 48)
+    plain = {"warp_fraction": 0, "photometric_fraction": 0, "blur_fraction": 0, "noise_fraction": 0}
+    out = augment_faces(x, torch.Generator().manual_seed(0), **plain)
+    for image, augmented in zip(x[:, 0], out[:, 0], strict=True):
+        assert any(
+            torch.allclose(torch.roll(source, (dy, dx), (0, 1))[8:40, 8:40], augmented[8:40, 8:40], atol=1e-5)
+            for source in (image, image.flip(-1))
+            for dy in range(-4, 5)
+            for dx in range(-4, 5)
+        )

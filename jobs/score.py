@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="folder or s3:// prefix for Parquet and manifest")
     parser.add_argument("--model", help="checkpoint path or s3:// URI (default: the embedded model)")
     parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--files-per-block", type=int, help="files per Ray Data block (unit of resumption)")
+    parser.add_argument("--files-per-block", type=int, help="files per read-and-decode task")
     parser.add_argument("--rows-per-file", type=int, help="rows gathered into each Parquet file, at least")
     parser.add_argument("--actors", type=int, help="fixed number of inference actors")
     parser.add_argument("--min-actors", type=int, help="autoscaling pool: smallest size")

@@ -7,7 +7,8 @@ Starts `serve run` on conf/serve.yaml as configured (a local Ray started with co
 (lean HTTP/1.1 keep-alive clients in this process, see `closed_loop`), each cycling through the
 bundled faces of every class (as 48x48 faces, and resized into 640x480 photos: how many get the
 mirrored second pass depends on the face), and prints requests/s, p50 and p99 latency and ratios.
-A third server, `bench.noop_app` (Serve with no model), shows what Serve's own request path allows on this machine.
+A third server, `bench.noop_app` (Serve with no model), shows what Serve's own request path
+allows on this machine.
 """
 
 import argparse
@@ -44,12 +45,12 @@ def photo(face: Path, width: int = 640, height: int = 480) -> bytes:
 
 
 # The load generator shares the 2 cores with the server it measures, so it must spend as little of
-# them as it can. On a 2-core machine the load generator competes with the server it measures. httpx clients cost
-# about 1.5 ms of CPU per request, so at 380 requests/s they took 0.58 of the two cores from the
-# Serve application (per-process CPU sampled under load). These clients speak HTTP/1.1 over plain
-# asyncio streams on keep-alive connections, with each multipart body encoded once before the clock
-# starts: per request they parse a status line and headers, nothing more. Every server gets the
-# same clients, so the comparison stays side by side; what changes is how much CPU is left to serve.
+# them as it can. httpx clients cost about 1.5 ms of CPU per request: at 380 requests/s they took
+# 0.58 of the two cores from the Serve application (per-process CPU sampled under load). These
+# clients speak HTTP/1.1 over plain asyncio streams on keep-alive connections, with each multipart
+# body encoded once before the clock starts: per request they parse a status line and headers,
+# nothing more. Every server gets the same clients, so the comparison stays side by side; what
+# changes is how much CPU is left to serve.
 
 
 def multipart_request(url: str, field: str, filename: str, content_type: str, data: bytes) -> bytes:

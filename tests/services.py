@@ -26,9 +26,20 @@ BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: the sockets stay bound until all are chosen, since a port
+    released at once may be handed out again (a Ray head once got one port for two components)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 @dataclass
@@ -66,7 +77,7 @@ class RayHead:
 
 @contextmanager
 def ray_head(num_cpus: int = 2) -> Iterator[RayHead]:
-    ports = [free_port() for _ in range(10)]
+    ports = free_ports(10)
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     command = [
         str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",

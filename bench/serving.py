@@ -79,8 +79,8 @@ async def _exchange(
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split(" ", 2)[1])
-    headers = dict(line.split(":", 1) for line in lines[1:] if ":" in line)
-    headers = {k.strip().lower(): v.strip().lower() for k, v in headers.items()}
+    fields = (line.split(":", 1) for line in lines[1:] if ":" in line)
+    headers = {name.strip().lower(): value.strip().lower() for name, value in fields}
     if "content-length" not in headers:
         raise RuntimeError(f"response without Content-Length (status {status}): this client reads only those")
     await reader.readexactly(int(headers["content-length"]))

@@ -8,6 +8,7 @@ a checkpoint is data and must never be able to run code.
 import dataclasses
 import io
 import pickle
+import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,12 @@ def _read(path: str) -> bytes:
         raise CheckpointError(f"{path}: cannot read checkpoint: {exc}") from None
 
 
+def _first_line(exc: BaseException) -> str:
+    """An exception's message cut to one line, or its type when it has none (KeyError: 105)."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
 def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
     """Read and validate a checkpoint; `None` means the embedded default model.
 
@@ -103,17 +110,27 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
     where = str(DEFAULT_CHECKPOINT if path is None else path)
     data = _read(where)
     try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # Garbage whose second byte reads as a pickle protocol number makes torch warn about
+            # that protocol before it fails; the refusal below is the one line a user should see.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Weights only load failed" in str(exc):
+        # torch names what it refused: a global or a call is an object that could run code; an
+        # unknown opcode ("Unsupported operand") is only bytes that are not a pickle at all.
+        if "Weights only load failed" in str(exc) and "Unsupported operand" not in str(exc):
             raise CheckpointError(
                 f"{where}: refused: the file holds Python objects other than tensors and plain "
                 "values, and loading it could run code"
             ) from None
-        raise CheckpointError(f"{where}: not a readable checkpoint ({exc})") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{where}: not a readable checkpoint (truncated or corrupt: {reason})") from None
+        raise CheckpointError(f"{where}: not a readable checkpoint ({_first_line(exc)})") from None
+    except Exception as exc:
+        # Bytes that are not a checkpoint send torch's unpickler down arbitrary paths: besides
+        # truncation (EOFError, RuntimeError) they raise KeyError, IndexError, ValueError,
+        # zipfile errors and more, and every one of them means the same thing to the user.
+        raise CheckpointError(
+            f"{where}: not a readable checkpoint (truncated or corrupt: {_first_line(exc)})"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{where}: not an emotion-ray checkpoint (no '{FORMAT}' header)")
     if payload.get("format_version") != FORMAT_VERSION:

@@ -1,6 +1,9 @@
 import io
 import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +11,8 @@ import torch
 from emotion.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint, save_checkpoint
 from emotion.labels import LABELS
 from tests.conftest import tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_round_trip_keeps_every_field(tmp_path):
@@ -86,3 +91,43 @@ def test_default_checkpoint_is_embedded():
     validation = checkpoint.metrics["validation"]
     # The issue's targets (66%, 0.60); the committed model reports 67.0% / 0.649 (docs/model-card.md).
     assert validation["val_accuracy"] >= 0.66 and validation["val_macro_f1"] >= 0.60
+
+
+GARBAGE_TAIL = b"this is not a checkpoint\nbut a second line of text\n"
+
+
+@pytest.mark.parametrize("first", range(256), ids=lambda b: f"0x{b:02x}")
+def test_any_first_byte_of_garbage_is_refused_in_one_line(tmp_path, first):
+    """Each first byte steers torch's unpickler somewhere else; every path must end in a refusal."""
+    path = tmp_path / f"garbage-{first:02x}.pt"
+    path.write_bytes(bytes([first]) + GARBAGE_TAIL)
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(path)
+    message = str(refused.value)
+    assert message.startswith(f"{path}: ")
+    # 'c' followed by text is a pickle GLOBAL opcode naming a callable: refused as unsafe.
+    reasons = ("not a readable checkpoint", "not an emotion-ray checkpoint", "could run code")
+    assert any(reason in message for reason in reasons), message
+    assert "\n" not in message
+
+
+def test_text_file_is_refused(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("model: emotion_cnn\nlabels: angry, disgust, fear\n")
+    with pytest.raises(CheckpointError, match=r"notes\.txt: not a readable checkpoint"):
+        load_checkpoint(path)
+
+
+def test_scoring_cli_refuses_a_text_file_as_model_in_one_line(tmp_path):
+    model = tmp_path / "text.txt"
+    model.write_text("not a model\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.score", "--input", str(ROOT / "examples" / "faces"),
+         "--output", str(tmp_path / "out"), "--model", str(model)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "text.txt: not a readable checkpoint" in lines[0]
+    assert not (tmp_path / "out").exists()

@@ -11,7 +11,7 @@ import warnings
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 # Larger than any photo a phone takes (a 200 MP sensor), far smaller than a decompression bomb.
 DEFAULT_MAX_PIXELS = 200_000_000
@@ -54,13 +54,21 @@ def _flatten_alpha(image: Image.Image) -> Image.Image:
     return image
 
 
+def _orientation(image: Image.Image, header_only: bool) -> int | None:
+    """The EXIF orientation tag; with `header_only`, None where finding it would decode pixels."""
+    if header_only and isinstance(image, PngImagePlugin.PngImageFile) and "exif" not in image.info:
+        return None
+    return image.getexif().get(0x0112)
+
+
 def decode_image(
     data: bytes, size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> Decoded:
     """Decode `data` to a `size`x`size`x`channels` uint8 array, or to a short reason it cannot be.
 
     `width` and `height` are the upright image's own dimensions, reported even for images too
-    large to decode so that a user can see why they were refused.
+    large to decode so that a user can see why they were refused (as stored, for a PNG whose
+    EXIF follows its pixels). Images over `max_pixels` are refused from their header alone.
     """
     if not data:
         return _failure("empty file")
@@ -69,11 +77,15 @@ def decode_image(
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
         width, height = image.size
-        orientation = image.getexif().get(0x0112)
+        # The cap is checked on the header's size before anything else: a PNG's EXIF may follow
+        # its pixel data, and Pillow decodes the whole image to look for it.
+        if width * height > max_pixels:
+            if _orientation(image, header_only=True) in _ROTATING_ORIENTATIONS:
+                width, height = height, width
+            return _failure(f"too many pixels: {width * height}", width, height)
+        orientation = _orientation(image, header_only=False)
         if orientation in _ROTATING_ORIENTATIONS:
             width, height = height, width
-        if width * height > max_pixels:
-            return _failure(f"too many pixels: {width * height}", width, height)
         # JPEG can decode at 1/2, 1/4 or 1/8 scale directly: large photos cost a fraction to read.
         image.draft("L" if channels == 1 else "RGB", (size, size))
         image.load()

@@ -2,7 +2,7 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from emotion.preprocess import decode_image, normalize
 from tests.images import decompression_bomb, exif_rotated, image_in_mode, jpeg
@@ -68,6 +68,27 @@ def test_pixel_limit_is_configurable():
     decoded = decode_image(jpeg(100), 48, 1, max_pixels=99 * 99)
     assert decoded.error == "too many pixels: 10000"
     assert (decoded.width, decoded.height) == (100, 100)
+
+
+def test_pixel_limit_refuses_from_the_header_without_decoding(monkeypatch):
+    """A PNG's EXIF lookup decodes the image, so the cap must come first (a 13,000 x 13,000 PNG
+    is half a megabyte and would cost its full size in memory)."""
+    png = io.BytesIO()
+    Image.new("RGB", (3000, 2000), (120, 130, 140)).save(png, "PNG")
+
+    def refuse_to_decode(self, *args, **kwargs):
+        raise AssertionError("pixels decoded for an image over the cap")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", refuse_to_decode)
+    decoded = decode_image(png.getvalue(), 48, 1, max_pixels=1000 * 1000)
+    assert decoded.error == "too many pixels: 6000000"
+    assert (decoded.width, decoded.height) == (3000, 2000)
+
+
+def test_pixel_limit_reports_upright_dimensions_of_a_rotated_jpeg():
+    decoded = decode_image(exif_rotated(6), 48, 1, max_pixels=100)
+    assert decoded.error == "too many pixels: 1800"
+    assert (decoded.width, decoded.height) == (30, 60)
 
 
 def test_normalize_is_vectorised_nchw():

@@ -25,39 +25,44 @@ TORCHVISION_ARCHITECTURES = (
 COMPACT_ARCHITECTURE = "emotion_cnn"
 
 
-def _conv_bn(in_ch: int, out_ch: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False),
-        nn.BatchNorm2d(out_ch),
-        nn.ReLU(inplace=True),
-    )
+def _conv_bn(in_ch: int, out_ch: int, relu: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False), nn.BatchNorm2d(out_ch)]
+    return nn.Sequential(*layers, nn.ReLU(inplace=True)) if relu else nn.Sequential(*layers)
 
 
 class _Stage(nn.Module):
-    """Two 3x3 convolutions with a residual path, then 2x2 pooling.
+    """`depth` 3x3 convolutions then 2x2 pooling; with `residual`, all but the first on a shortcut.
 
-    The shortcut lets a VGG-shaped network train deeper in few epochs at almost no cost in FLOPs.
+    The residual form is a ResNet basic block: the branch ends in batch norm without ReLU and the
+    ReLU follows the sum, so a branch whose norm starts at zero still receives gradient. (A ReLU
+    at the end of the branch would pass none at exactly zero: the branch would never wake up.)
+    `residual=False` is the plain VGG stage.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, depth: int) -> None:
+    def __init__(self, in_ch: int, out_ch: int, depth: int, residual: bool) -> None:
         super().__init__()
+        self.residual = residual
         self.entry = _conv_bn(in_ch, out_ch)
-        self.body = nn.Sequential(*[_conv_bn(out_ch, out_ch) for _ in range(depth - 1)])
+        last = depth - 2
+        self.body = nn.Sequential(
+            *[_conv_bn(out_ch, out_ch, relu=not residual or i < last) for i in range(depth - 1)]
+        )
         self.pool = nn.MaxPool2d(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.entry(x)
-        return self.pool(x + self.body(x))
+        x = torch.relu(x + self.body(x)) if self.residual and len(self.body) else self.body(x)
+        return self.pool(x)
 
 
 class EmotionCNN(nn.Module):
-    """A VGG-shaped residual CNN sized for 48x48 faces: four stages, then a pooled linear head.
+    """A VGG-shaped CNN sized for 48x48 faces: four stages, then a pooled linear head.
 
-    `grid` pools the last feature map to grid x grid cells rather than one: faces arrive roughly
-    aligned, so where a feature fires (mouth or brow) carries meaning that global pooling throws
-    away. `hidden` adds a fully connected layer over those cells. Under the same 30-epoch recipe
-    (flip and shift only) a 3x3 grid with 256 hidden units reached 64.5% on FER2013 PublicTest
-    against 63.3% for global pooling, at almost no cost per image.
+    Each stage has `depth` 3x3 convolutions, after the first on a residual branch unless
+    `residual` is off (the plain VGG the calibration recipe uses). `grid` pools the last feature
+    map to grid x grid cells rather than one: faces arrive roughly aligned, so where a feature
+    fires (mouth or brow) carries meaning that global pooling throws away. `hidden` adds a fully
+    connected layer over those cells, at almost no cost per image (figures in the model card).
     """
 
     def __init__(
@@ -69,12 +74,13 @@ class EmotionCNN(nn.Module):
         dropout: float = 0.3,
         grid: int = 1,
         hidden: int = 0,
+        residual: bool = True,
     ) -> None:
         super().__init__()
         stages: list[nn.Module] = []
         prev = in_channels
         for width in widths:
-            stages.append(_Stage(prev, width, depth))
+            stages.append(_Stage(prev, width, depth, residual))
             prev = width
         self.features = nn.Sequential(*stages)
         features = prev * grid * grid
@@ -89,7 +95,7 @@ class EmotionCNN(nn.Module):
         # Residual branches start silent, so the untrained network is a plain VGG and early
         # high-learning-rate steps cannot blow up the sum.
         for stage in stages:
-            if len(stage.body):
+            if residual and len(stage.body):
                 nn.init.zeros_(stage.body[-1][1].weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -33,3 +33,28 @@ def test_grid_head_reads_each_cell_of_the_last_feature_map():
     assert [(m.in_features, m.out_features) for m in linears] == [(256 * 9, 32), (32, 7)]
     with torch.inference_mode():
         assert model(torch.randn(2, 1, 48, 48)).shape == (2, 7)
+
+
+def test_residual_branches_start_silent_and_still_learn():
+    """The branch's last batch norm starts at zero; with a ReLU after it the branch got no gradient
+    and stayed exactly zero through training, leaving half the convolutions dead."""
+    torch.manual_seed(0)
+    model = build_model("emotion_cnn", 7, 1, depth=2)
+    branch_norms = [stage.body[-1][1] for stage in model.features]
+    assert all(torch.all(norm.weight == 0) for norm in branch_norms)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(8, 1, 48, 48)), torch.arange(8) % 7)
+    loss.backward()
+    optimizer.step()
+    assert all(norm.weight.abs().sum() > 0 for norm in branch_norms)
+
+
+def test_plain_stages_stack_convolutions_without_shortcut():
+    torch.manual_seed(0)
+    model = build_model("emotion_cnn", 7, 1, depth=2, residual=False).eval()
+    stage = model.features[0]
+    x = torch.randn(2, 1, 48, 48)
+    with torch.inference_mode():
+        assert torch.equal(stage(x), stage.pool(stage.body(stage.entry(x))))
+    assert all(stage.body[-1][1].weight.abs().sum() > 0 for stage in model.features)
+    assert isinstance(stage.body[-1][-1], torch.nn.ReLU)

@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--baselines-at", type=int, default=0, help="size at which to run the baselines")
     parser.add_argument("--job-args", default="", help="extra flags for jobs.score (one string)")
     args = parser.parse_args()
-    everything = list_images(args.input)
+    everything = list_images(args.input).paths
     predictor = Predictor(device="cpu")
     print(f"{len(everything)} files under {args.input}; model {predictor.name}, precision {predictor.precision}, "
           f"torch threads {torch.get_num_threads()}")

@@ -7,6 +7,7 @@ its imports saves each of them seconds of start-up.
 from collections.abc import Callable, Iterator
 
 import numpy as np
+import pyarrow as pa
 from fsspec import AbstractFileSystem
 from ray.data.block import Block, BlockAccessor, BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
@@ -21,8 +22,8 @@ class ImageFiles(Datasource):
     next operator cost the scoring job half a core of its two: those tasks spent a sixth of their
     time decoding and the rest reading through Arrow streams and pickling blocks of bytes. Here a
     task fetches its files (concurrently from an object store) and ships only model-sized pixels.
-    A file that cannot be read becomes an error row like one that cannot be decoded. Being a Ray
-    Data read keeps checkpoint-based resumption, keyed by path.
+    A file that cannot be read becomes an error row like one that cannot be decoded. Each row
+    carries its index in the job's file list, so progress counts a retried row once.
     """
 
     def __init__(
@@ -57,10 +58,10 @@ class ImageFiles(Datasource):
             metadata = BlockMetadata(
                 num_rows=len(chunk), size_bytes=len(chunk) * self._row_bytes(), input_files=None, exec_stats=None
             )
-            tasks.append(ReadTask(self._reader(chunk), metadata, per_task_row_limit=per_task_row_limit))
+            tasks.append(ReadTask(self._reader(chunk, start), metadata, per_task_row_limit=per_task_row_limit))
         return tasks
 
-    def _reader(self, paths: list[str]) -> Callable[[], Iterator[Block]]:
+    def _reader(self, paths: list[str], first_row: int) -> Callable[[], Iterator[Block]]:
         # The task closes over its own paths and settings only: closing over `self` would ship
         # every path of the job with every task.
         filesystem, rows_per_block = self.filesystem, self.rows_per_block
@@ -70,9 +71,9 @@ class ImageFiles(Datasource):
             for start in range(0, len(paths), rows_per_block):
                 chunk = paths[start : start + rows_per_block]
                 contents = filesystem.cat(chunk, on_error="return")
-                yield BlockAccessor.batch_to_block(
-                    decode_files(chunk, [contents[p] for p in chunk], size, channels, max_pixels)
-                )
+                batch = decode_files(chunk, [contents[p] for p in chunk], size, channels, max_pixels)
+                batch["row"] = np.arange(first_row + start, first_row + start + len(chunk), dtype=np.int64)
+                yield _typed_block(batch)
 
         return read_images
 
@@ -100,3 +101,12 @@ def decode_files(
         "width": np.asarray([r.width for r in rows], dtype=np.int32),
         "height": np.asarray([r.height for r in rows], dtype=np.int32),
     }
+
+
+def _typed_block(batch: dict[str, np.ndarray]) -> Block:
+    """The batch as an Arrow block whose text columns are strings even when every value is null,
+    so blocks with and without errors share one schema."""
+    block = BlockAccessor.batch_to_block(batch)
+    for name in ("path", "status", "error"):
+        block = block.set_column(block.schema.get_field_index(name), name, pa.array(batch[name], pa.string()))
+    return block

@@ -357,7 +357,7 @@ def gate(job: EvaluateJob, sets: dict[str, dict[str, Any]]) -> tuple[dict[str, A
         "previous_run": job.previous["run"] if job.previous else None,
         "baseline_uri": job.baseline_uri,
     }
-    failures = gate_failures(comparisons, job.tolerance)
+    failures = gate_failures(sets, comparisons, job.tolerance)
     return comparison, {"tolerance": job.tolerance, "passed": not failures, "failures": failures}
 
 

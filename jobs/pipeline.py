@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray
 import ray.data
 import torch
@@ -33,10 +34,11 @@ class PipelineConfig:
 
     batch_size: int = 256
     files_per_block: int = 1024
-    min_actors: int = 1
-    max_actors: int = 1
+    # None: sized to the cluster at start (jobs.layout).
+    min_actors: int | None = 1
+    max_actors: int | None = 1
     gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float | None = 1.0
     threads_per_actor: int | None = None
     preprocess_cpus: float = 0.5
     preprocess_concurrency: int | None = None
@@ -45,18 +47,44 @@ class PipelineConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
 
+def output_schema(labels: tuple[str, ...] | list[str], timing: bool = False) -> pa.Schema:
+    """The one schema of every output block, whatever mix of good and bad files it holds: a
+    column inferred per block (`error` is null-typed where a block has no error) would make blocks
+    disagree, and Parquet files written from them unreadable together."""
+    fields = [
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("predicted_label", pa.string()),
+        pa.field("predicted_class", pa.int16(), nullable=False),
+        pa.field("confidence", pa.float32()),
+        *(pa.field(f"prob_{label}", pa.float32()) for label in labels),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),
+    ]
+    if timing:
+        fields += [pa.field("inference_seconds", pa.float64()), pa.field("peak_rss_bytes", pa.int64()),
+                   pa.field("peak_gpu_bytes", pa.int64())]
+    return pa.schema(fields)
+
+
 @ray.remote(num_cpus=0)
 class ProgressCounter:
-    """Rows scored so far, summed across actors, for the driver's periodic log line."""
+    """Rows scored so far, for the driver's progress line and stall detector.
 
-    def __init__(self) -> None:
-        self.rows = 0
+    Rows are marked by their index in the job's file list, so a batch retried after an actor
+    died is counted once.
+    """
 
-    def add(self, rows: int) -> None:
-        self.rows += rows
+    def __init__(self, rows: int) -> None:
+        self.done = np.zeros(rows, dtype=bool)
+
+    def add(self, rows: np.ndarray) -> None:
+        self.done[rows] = True
 
     def total(self) -> int:
-        return self.rows
+        return int(self.done.sum())
 
 
 class ScoreBatch:
@@ -82,12 +110,13 @@ class ScoreBatch:
         self.predictor = Predictor(checkpoint, device=device, precision=precision)
         self.model_name = self.predictor.name
         self.timing = timing
+        self.schema = output_schema(self.predictor.labels, timing)
         try:
             self.progress = ray.get_actor(PROGRESS_ACTOR)
         except ValueError:
             self.progress = None
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         labels = self.predictor.labels
         n = len(batch["path"])
         ok = batch["status"] == "ok"
@@ -112,8 +141,8 @@ class ScoreBatch:
         if self.timing:
             out.update(self._timing_columns(ok, forward_seconds))
         if self.progress is not None:
-            self.progress.add.remote(n)
-        return out
+            self.progress.add.remote(batch["row"])
+        return pa.table(out, schema=self.schema)
 
     def _timing_columns(self, ok: np.ndarray, forward_seconds: float) -> dict[str, np.ndarray]:
         """Forward-pass seconds shared among the batch's decoded rows, and peak memory in bytes."""
@@ -137,7 +166,8 @@ def score_files(
     timing: bool = False,
 ) -> ray.data.Dataset:
     """A lazy Dataset of one prediction row per file in `paths`, read through `filesystem`
-    (nothing runs until consumed). Paths in the output have no scheme (bucket/key for S3).
+    (nothing runs until consumed), in the schema of `output_schema`. Paths in the output have no
+    scheme (bucket/key for S3). The pool's size and CPUs must be set (see `jobs.layout`).
 
     `timing` adds the efficiency columns of `ScoreBatch` (inference_seconds, peak_rss_bytes,
     peak_gpu_bytes).

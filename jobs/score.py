@@ -5,6 +5,7 @@ output exactly once, as a prediction or as an error row; `_manifest.json`, writt
 the output complete. A run that stops early resumes where it left off when started again.
 """
 
+import _thread
 import argparse
 import hashlib
 import json
@@ -13,31 +14,46 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
 import fsspec
-import pyarrow.dataset
+import pyarrow
+import pyarrow.compute
 import pyarrow.parquet as pq
 import ray
 import ray.data
 import torch
-from ray.data.checkpoint import CheckpointConfig
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from emotion.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, CheckpointError, load_checkpoint
 from emotion.folders import absolute_uri, arrow_filesystem, filesystem, list_images
 from jobs.conf import apply_defaults
+from jobs.layout import WRITE_CPUS, LayoutError, alive_nodes, fit_layout
+from jobs.output import (
+    MANIFEST,
+    OutputError,
+    OutputState,
+    check_output,
+    check_separate,
+    clear_output,
+    inspect_output,
+    run_record,
+    write_record,
+)
 from jobs.pipeline import PROGRESS_ACTOR, PipelineConfig, ProgressCounter, score_files
 
 log = logging.getLogger("jobs.score")
-MANIFEST = "_manifest.json"
-CHECKPOINT_DIR = "_checkpoint"
 
 
 class UsageError(Exception):
     """A problem with the command line or its inputs, reported in one line before any work."""
+
+
+class StallError(Exception):
+    """No row was scored for the stall timeout while work remained; the message says what Ray
+    reported as waiting."""
 
 
 @dataclass(frozen=True)
@@ -49,11 +65,16 @@ class ScoreJob:
     paths: list[str]
     checkpoint: Checkpoint
     model_uri: str
+    model_sha256: str
     pipeline: PipelineConfig
     overwrite: bool
     progress_interval: float
+    stall_timeout: float
     endpoint_url: str | None
     rows_per_file: int
+    skipped: dict[str, str]
+    previous: OutputState
+    record: dict[str, Any]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,11 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--files-per-block", type=int, help="files per read-and-decode task")
     parser.add_argument("--rows-per-file", type=int, help="rows gathered into each Parquet file, at least")
-    parser.add_argument("--actors", type=int, help="fixed number of inference actors")
+    parser.add_argument("--actors", type=int, help="fixed number of inference actors (default: fitted to the cluster)")
     parser.add_argument("--min-actors", type=int, help="autoscaling pool: smallest size")
     parser.add_argument("--max-actors", type=int, help="autoscaling pool: largest size")
     parser.add_argument("--gpus-per-actor", type=float, help="GPUs per inference actor (fractions allowed)")
-    parser.add_argument("--cpus-per-actor", type=float)
+    parser.add_argument("--cpus-per-actor", type=float, help="CPUs Ray reserves per actor (default: fitted)")
     parser.add_argument("--threads-per-actor", type=int, help="torch threads per actor (CPU inference)")
     parser.add_argument("--preprocess-cpus", type=float, help="CPUs per decoding task")
     parser.add_argument("--preprocess-tasks", type=int, help="cap on concurrent decoding tasks")
@@ -78,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace a complete output")
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
     parser.add_argument("--progress-interval", type=float, help="seconds between progress log lines")
+    parser.add_argument("--stall-timeout", type=float,
+                        help="seconds without a scored row, while work remains, before the job fails")
     apply_defaults(parser, "score")
     return parser
 
@@ -95,18 +118,23 @@ def plan_job(args: argparse.Namespace) -> ScoreJob:
     _positive(args.gpus_per_actor, "--gpus-per-actor", allow_zero=True)
     _positive(args.cpus_per_actor, "--cpus-per-actor", allow_zero=True)
     _positive(args.preprocess_cpus, "--preprocess-cpus", allow_zero=True)
+    _positive(args.stall_timeout, "--stall-timeout")
+    _positive(args.progress_interval, "--progress-interval")
+    if args.actors is not None and args.min_actors is not None:
+        raise UsageError("--actors and --min-actors/--max-actors are alternatives; pass one")
     if (args.min_actors is None) != (args.max_actors is None):
         raise UsageError("--min-actors and --max-actors go together")
     min_actors = args.min_actors if args.min_actors is not None else args.actors
     max_actors = args.max_actors if args.max_actors is not None else args.actors
-    if min_actors > max_actors:
+    if min_actors is not None and max_actors is not None and min_actors > max_actors:
         raise UsageError(f"--min-actors {min_actors} is larger than --max-actors {max_actors}")
     try:
-        paths = list_images(absolute_uri(args.input))
+        listing = list_images(absolute_uri(args.input))
     except FileNotFoundError:
         raise UsageError(f"--input {args.input}: no such folder or prefix") from None
     except PermissionError as exc:
         raise UsageError(f"--input {args.input}: not readable ({exc})") from None
+    paths = listing.paths
     if not paths:
         raise UsageError(f"--input {args.input}: no image files found (looked for .jpg, .png, ...)")
     model_uri = absolute_uri(args.model) if args.model else str(DEFAULT_CHECKPOINT)
@@ -116,24 +144,30 @@ def plan_job(args: argparse.Namespace) -> ScoreJob:
         raise UsageError(f"--model {exc}") from None
     if args.limit:
         paths = paths[: args.limit]
+    input_uri = absolute_uri(args.input).rstrip("/")
     output = absolute_uri(args.output).rstrip("/")
+    model_sha256 = sha256_of(model_uri)
+    record = run_record(input_uri, model_uri, model_sha256, args.limit, args.precision)
     fs, root = filesystem(output)
-    if fs.exists(f"{root}/{MANIFEST}") and not args.overwrite:
-        raise UsageError(
-            f"--output {args.output} already holds a complete run ({MANIFEST}); "
-            "pass --overwrite to replace it"
-        )
+    try:
+        check_separate(input_uri, output)
+        previous = inspect_output(fs, root)
+        check_output(previous, args.output, record, args.overwrite)
+    except OutputError as exc:
+        raise UsageError(str(exc)) from None
+    actors_given = args.actors is not None or args.min_actors is not None
     return ScoreJob(
-        input=absolute_uri(args.input),
+        input=input_uri,
         output=output,
         paths=paths,
         checkpoint=checkpoint,
         model_uri=model_uri,
+        model_sha256=model_sha256,
         pipeline=PipelineConfig(
             batch_size=args.batch_size,
             files_per_block=args.files_per_block,
-            min_actors=min_actors,
-            max_actors=max_actors,
+            min_actors=min_actors if actors_given else None,
+            max_actors=max_actors if actors_given else None,
             gpus_per_actor=args.gpus_per_actor,
             cpus_per_actor=args.cpus_per_actor,
             threads_per_actor=args.threads_per_actor,
@@ -144,8 +178,12 @@ def plan_job(args: argparse.Namespace) -> ScoreJob:
         ),
         overwrite=args.overwrite,
         progress_interval=args.progress_interval,
+        stall_timeout=args.stall_timeout,
         endpoint_url=args.endpoint_url,
         rows_per_file=args.rows_per_file,
+        skipped=listing.skipped,
+        previous=previous,
+        record=record,
     )
 
 
@@ -157,42 +195,103 @@ def sha256_of(uri: str) -> str:
     return digest.hexdigest()
 
 
-def _report_progress(total: int, interval: float, stop: threading.Event) -> Callable[[], None]:
-    """A loop that logs rows done, images/s and ETA until `stop` is set."""
-    counter = ray.get_actor(PROGRESS_ACTOR)
-    started = time.monotonic()
+def _waiting_work() -> str:
+    """What Ray reports as waiting for resources: the reason a stalled job is stalled."""
+    from ray.util.state import list_actors, list_tasks
 
-    def loop() -> None:
-        while not stop.wait(interval):
-            done = ray.get(counter.total.remote())
-            elapsed = time.monotonic() - started
-            rate = done / elapsed if elapsed else 0.0
-            eta = f"{(total - done) / rate:.0f} s" if rate else "unknown"
-            log.info("scored %d/%d rows (%.1f%%), %.0f images/s, ETA %s",
-                     done, total, 100 * done / total, rate, eta)
+    parts = []
+    try:
+        actors = list_actors(filters=[("state", "in", ["PENDING_CREATION", "RESTARTING"])], limit=20)
+        tasks = list_tasks(filters=[("state", "in", ["PENDING_NODE_ASSIGNMENT", "PENDING_ARGS_AVAIL"])], limit=20)
+        parts.append("actors waiting: " + (", ".join(f"{a.class_name} ({a.state})" for a in actors) or "none"))
+        parts.append("tasks waiting: " + (", ".join(f"{t.name} ({t.state})" for t in tasks) or "none"))
+    except Exception as exc:  # the state API is a diagnostic; its absence must not hide the stall
+        parts.append(f"state API unavailable ({type(exc).__name__})")
+    free = {k: round(v, 2) for k, v in ray.available_resources().items() if k in ("CPU", "GPU", "memory")}
+    parts.append(f"free resources: {free}; cluster: {ray.cluster_resources().get('CPU', 0):g} CPUs, "
+                 f"{ray.cluster_resources().get('GPU', 0):g} GPUs")
+    return "; ".join(parts)
 
-    return loop
+
+class Progress:
+    """The driver's watch over a run: a log line every `interval` seconds (rows done, images/s,
+    ETA) and, when no row is scored for `stall_timeout` seconds while work remains, a failure
+    naming what Ray reports as waiting, instead of a job that hangs unnoticed."""
+
+    def __init__(self, counter: Any, total: int, interval: float, stall_timeout: float) -> None:
+        self.counter, self.total = counter, total
+        self.interval, self.stall_timeout = interval, stall_timeout
+        self.stalled: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> "Progress":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        started = last_change = time.monotonic()
+        done = last_done = 0
+        tick = min(self.interval, self.stall_timeout / 4)
+        last_log = started
+        while not self._stop.wait(tick):
+            now = time.monotonic()
+            try:
+                done = ray.get(self.counter.total.remote(), timeout=30)
+            except (ray.exceptions.RayError, TimeoutError) as exc:
+                log.warning("progress counter unavailable (%s); still watching for a stall", type(exc).__name__)
+            if done != last_done:
+                last_done, last_change = done, now
+            elif done < self.total and now - last_change > self.stall_timeout:
+                self.stalled = (f"no row scored for {now - last_change:.0f} s with {self.total - done} of "
+                                f"{self.total} left; {_waiting_work()}")
+                log.error("stalled: %s", self.stalled)
+                _thread.interrupt_main()
+                return
+            if now - last_log >= self.interval:
+                last_log = now
+                rate = done / (now - started)
+                eta = f"{(self.total - done) / rate:.0f} s" if rate else "unknown"
+                log.info("scored %d/%d rows (%.1f%%), %.0f images/s, ETA %s",
+                         done, self.total, 100 * done / self.total, rate, eta)
+
+
+def _parquet_files(job: ScoreJob) -> list[str]:
+    fs, root = filesystem(job.output)
+    if not fs.exists(root):
+        return []
+    return sorted(p for p in fs.ls(root, detail=False) if p.endswith(".parquet"))
 
 
 def _output_rows(job: ScoreJob) -> pyarrow.Table:
-    """The path and status of every row written under the output so far."""
-    fs, root = filesystem(job.output)
-    if not fs.exists(root):
-        return pyarrow.table({"path": [], "status": []})
-    files = [p for p in fs.find(root) if p.endswith(".parquet") and "/_" not in p[len(root):]]
+    """The path of every row written under the output so far, with the file holding it.
+
+    A file cut short by a killed write (no Parquet footer) is the job's own and holds rows that
+    were never recorded as done: it is removed, and its rows are scored again.
+    """
+    fs, _ = filesystem(job.output)
     tables = []
-    for path in files:
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=["path", "status"])
-        tables.append(table.append_column("file", pyarrow.array([path] * len(table))))
+    for path in _parquet_files(job):
+        try:
+            with fs.open(path, "rb") as f:
+                table = pq.read_table(f, columns=["path"])
+        except (OSError, pyarrow.ArrowInvalid) as exc:
+            log.warning("removing %s, cut short by an interrupted write (%s); its rows are scored again", path, exc)
+            fs.rm_file(path)
+            continue
+        tables.append(table.append_column("file", pyarrow.array([path] * len(table), pyarrow.string())))
     if not tables:
-        return pyarrow.table({"path": [], "status": [], "file": []})
+        return pyarrow.table({"path": pyarrow.array([], pyarrow.string()), "file": pyarrow.array([], pyarrow.string())})
     return pyarrow.concat_tables(tables)
 
 
 def _drop_duplicates(job: ScoreJob, rows: pyarrow.Table) -> pyarrow.Table:
-    """Remove second copies of a path, which a run killed between writing a file and recording
-    it in Ray Data's checkpoint leaves behind; whole-file rewrites keep each file consistent."""
+    """Remove second copies of a path, which a write retried after its worker died can leave
+    behind; whole-file rewrites keep each file consistent."""
     seen: set[str] = set()
     fs, _ = filesystem(job.output)
     paths, files = rows.column("path").to_pylist(), rows.column("file").to_pylist()
@@ -211,50 +310,62 @@ def _drop_duplicates(job: ScoreJob, rows: pyarrow.Table) -> pyarrow.Table:
     return _output_rows(job) if redundant else rows
 
 
-def run(job: ScoreJob) -> dict[str, Any]:
-    """Score every file, check the accounting, and write the manifest; returns the manifest."""
-    fs, root = filesystem(job.output)
-    if job.overwrite and fs.exists(root):
-        fs.rm(root, recursive=True)
-    previous = len(_output_rows(job))
-    if previous:
-        log.info("resuming: %d rows already written under %s", previous, job.output)
-    started_at, started = datetime.now(UTC), time.monotonic()
+def _stripped(uri: str) -> str:
+    return uri.split("://", 1)[-1]
+
+
+def _score_remaining(job: ScoreJob, paths: list[str]) -> None:
+    """Run the pipeline over `paths`, writing Parquet under the output as it goes."""
     arrow_fs = arrow_filesystem(job.output, job.endpoint_url)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = sys.stderr.isatty()
-    context.checkpoint_config = CheckpointConfig(
-        id_column="path",
-        checkpoint_path=f"{job.output}/{CHECKPOINT_DIR}",
-        override_filesystem=arrow_fs,
-    )
-    counter = ProgressCounter.options(name=PROGRESS_ACTOR, get_if_exists=True).remote()
+    # On the driver's node: a counter on a worker node would die with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    counter = ProgressCounter.options(name=PROGRESS_ACTOR, scheduling_strategy=here).remote(len(paths))
     ray.get(counter.total.remote())
-    stop = threading.Event()
-    reporter = threading.Thread(
-        target=_report_progress(len(job.paths) - previous, job.progress_interval, stop), daemon=True
-    )
-    reporter.start()
+    progress = Progress(counter, len(paths), job.progress_interval, job.stall_timeout)
     try:
-        ds = score_files(job.paths, job.checkpoint, job.pipeline, filesystem(job.input, job.endpoint_url)[0])
-        ds.write_parquet(job.output.split("://", 1)[-1] if arrow_fs else job.output, filesystem=arrow_fs,
-                         min_rows_per_file=job.rows_per_file)
+        with progress:
+            ds = score_files(paths, job.checkpoint, job.pipeline, filesystem(job.input, job.endpoint_url)[0])
+            ds.write_parquet(job.output.split("://", 1)[-1] if arrow_fs else job.output, filesystem=arrow_fs,
+                             min_rows_per_file=job.rows_per_file, ray_remote_args={"num_cpus": WRITE_CPUS})
+    except KeyboardInterrupt:
+        if progress.stalled:
+            raise StallError(progress.stalled) from None
+        raise
     finally:
-        stop.set()
-        reporter.join()
         ray.kill(counter)
+
+
+def run(job: ScoreJob) -> dict[str, Any]:
+    """Score every file not yet in the output, check the accounting, and write the manifest;
+    returns the manifest."""
+    fs, root = filesystem(job.output)
+    if job.overwrite:
+        clear_output(fs, job.previous)
+    write_record(fs, root, job.record)
+    done = set(_drop_duplicates(job, _output_rows(job)).column("path").to_pylist())
+    remaining = [p for p in job.paths if _stripped(p) not in done]
+    previous = len(job.paths) - len(remaining)
+    if previous:
+        log.info("resuming: %d of %d rows already written under %s", previous, len(job.paths), job.output)
+    started_at, started = datetime.now(UTC), time.monotonic()
+    if remaining:
+        _score_remaining(job, remaining)
     seconds = time.monotonic() - started
     rows = _drop_duplicates(job, _output_rows(job))
     written = rows.column("path").to_pylist()
-    expected = {p.split("://", 1)[-1] for p in job.paths}
+    expected = {_stripped(p) for p in job.paths}
     missing, extra = expected - set(written), set(written) - expected
     if missing or extra or len(written) != len(expected):
         raise RuntimeError(
             f"output does not account for the input: {len(missing)} missing, {len(extra)} unexpected "
             f"(e.g. {sorted(missing or extra)[:3]})"
         )
-    statuses = rows.column("status").to_pylist()
-    scored_now = len(written) - previous
+    statuses = pyarrow.concat_tables(
+        pq.read_table(fs.open(f, "rb"), columns=["status"]) for f in _parquet_files(job)
+    ).column("status").to_pylist()
+    scored_now = len(remaining)
     manifest = {
         "input": job.input,
         "output": job.output,
@@ -262,10 +373,11 @@ def run(job: ScoreJob) -> dict[str, Any]:
             "name": job.checkpoint.name,
             "arch": job.checkpoint.arch,
             "uri": job.model_uri,
-            "sha256": sha256_of(job.model_uri),
+            "sha256": job.model_sha256,
         },
         "rows": {"total": len(written), "ok": statuses.count("ok"), "error": statuses.count("error")},
         "resumed_rows": previous,
+        "skipped": job.skipped,
         "started": started_at.isoformat(timespec="seconds"),
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "seconds": round(seconds, 3),
@@ -291,8 +403,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"error: {exc}\n")
     log.info("scoring %d files from %s with %s into %s", len(job.paths), job.input,
              job.checkpoint.name, job.output)
+    for path, reason in sorted(job.skipped.items()):
+        log.warning("skipped %s: %s", path, reason)
     ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING)
-    manifest = run(job)
+    try:
+        job = replace(job, pipeline=fit_layout(job.pipeline, alive_nodes(ray.nodes())))
+    except LayoutError as exc:
+        parser.exit(2, f"error: {exc}\n")
+    pipeline = job.pipeline
+    log.info("pool of %s-%s actors of %g CPU and %g GPU; read tasks %g CPU, writes %g CPU",
+             pipeline.min_actors, pipeline.max_actors, pipeline.cpus_per_actor, pipeline.gpus_per_actor,
+             pipeline.preprocess_cpus, WRITE_CPUS)
+    try:
+        manifest = run(job)
+    except StallError as exc:
+        parser.exit(1, f"error: stalled: {exc}\n")
     rows = manifest["rows"]
     print(f"wrote {rows['total']} rows ({rows['ok']} ok, {rows['error']} error) to {job.output} "
           f"at {manifest['images_per_s']} images/s")

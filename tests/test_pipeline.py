@@ -5,15 +5,17 @@ import sys
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pytest
 import ray
 from ray import cloudpickle
 from ray.data import ActorPoolStrategy
 from ray.data.block import BlockAccessor
 
+from emotion.labels import LABELS
 from emotion.preprocess import decode_image
 from jobs.decoding import ImageFiles, decode_files
-from jobs.pipeline import PipelineConfig, ScoreBatch, score_files
+from jobs.pipeline import PipelineConfig, ScoreBatch, output_schema, score_files
 from tests.conftest import tiny_checkpoint
 from tests.images import jpeg
 from tests.services import ROOT
@@ -53,7 +55,10 @@ def test_decode_then_score_a_batch_by_hand():
     assert decoded["pixels"].shape == (4, 48, 48, 1)
     assert list(decoded["status"]) == ["ok", "error", "error", "ok"]
     assert np.array_equal(decoded["pixels"][0], decode_image(jpeg(seed=1), 48, 1).pixels)
-    scored = ScoreBatch(tiny_checkpoint(), "cpu", "fp32", None)(decoded)
+    decoded["row"] = np.arange(4)
+    table = ScoreBatch(tiny_checkpoint(), "cpu", "fp32", None)(decoded)
+    assert table.schema == output_schema(LABELS)
+    scored = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
     assert list(scored["error"]) == [
         None, "not an image", "unreadable: PermissionError: [Errno 13] Permission denied", None
     ]
@@ -77,6 +82,8 @@ def test_read_tasks_hold_a_bounded_number_of_files(tmp_path):
     assert [b.num_rows() for b in blocks] == [2, 1]
     assert blocks[0].to_numpy("path").tolist() == paths[:2]
     assert blocks[0].to_numpy("pixels").shape == (2, 48, 48, 1)
+    assert blocks[0].to_arrow().schema.field("error").type == pa.string(), "typed even with no error in the block"
+    assert [BlockAccessor.for_block(b).to_numpy("row").tolist() for b in tasks[2]()] == [[6, 7]]
     many = ImageFiles([f"/faces/{i:06d}.jpg" for i in range(100_000)], fsspec.filesystem("file"), 48, 1,
                       10_000, files_per_task=3, rows_per_block=2)
     assert len(cloudpickle.dumps(many.get_read_tasks(1)[0])) < 5_000, "a task must not carry every path"

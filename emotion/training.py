@@ -5,7 +5,9 @@ uint8 arrays and augments batches as tensor ops on its own device: no per-image 
 hot loop, and the same code runs on one CPU or on a node of GPUs.
 """
 
+import csv
 import hashlib
+import io
 import logging
 import tempfile
 import time
@@ -14,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 import ray
 import ray.train
@@ -34,6 +37,10 @@ from emotion.preprocess import decode_image, normalize
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "model.pt"
+STATE_FILE = "state.pt"
+CSV_COLUMNS = (
+    "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1", "lr", "seconds"
+)
 
 
 @dataclass
@@ -49,6 +56,7 @@ class TrainConfig:
     epochs: int = 40
     batch_size: int = 128
     lr: float = 0.05
+    warmup_fraction: float = 0.2
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
     class_weight_power: float = 0.5
@@ -59,6 +67,30 @@ class TrainConfig:
     limit_per_class: int | None = None
     augmentation: dict[str, Any] = field(default_factory=dict)
     name: str = "emotion_cnn_fer2013"
+
+
+@dataclass
+class RunOptions:
+    """How one invocation runs, as opposed to what it trains: never part of the stored recipe.
+
+    `metrics_csv` is rewritten after every epoch from the checkpointed history, so a resumed run
+    never repeats a line. `epochs_this_run` ends the invocation after that many epochs with the
+    run still resumable, for sessions shorter than the schedule.
+    """
+
+    metrics_csv: str | None = None
+    epochs_this_run: int | None = None
+
+
+@dataclass
+class Progress:
+    """What a resumed run needs besides the weights: where it stopped and what it has kept."""
+
+    epoch: int = 0
+    best_f1: float = -1.0
+    stale: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_model: bytes = b""
 
 
 @dataclass
@@ -159,9 +191,52 @@ def evaluate(
     return sum(losses) / len(x), np.concatenate(preds)
 
 
+def write_metrics_csv(history: list[dict[str, float]], uri: str) -> None:
+    """Write one line per finished epoch to `uri` (local or s3://), replacing what was there."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    with fsspec.open(uri, "w") as f:
+        f.write(text.getvalue())
+
+
+def _restore(
+    cfg: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator,
+) -> Progress:
+    """Load the latest Ray Train checkpoint of this run into the objects given, if there is one.
+
+    A run resumes only under the recipe it started with: a different schedule length or learning
+    rate would silently train something neither run describes.
+    """
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return Progress()
+    with checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
+        best_model = (Path(folder) / CHECKPOINT_FILE).read_bytes()
+    changed = sorted(k for k, v in asdict(cfg).items() if state["recipe"].get(k) != v)
+    if changed:
+        raise ValueError(f"cannot resume under a different recipe: {', '.join(changed)} changed")
+    net = model.module if hasattr(model, "module") else model
+    net.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    return Progress(state["epoch"], state["best_f1"], state["stale"], state["history"], best_model)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point: trains, validates each epoch, reports the best checkpoint so far."""
-    cfg = TrainConfig(**config)
+    """Ray Train entry point: trains, validates and checkpoints every epoch, resuming if it can.
+
+    `config` holds the recipe (`TrainConfig`) under "recipe" and `RunOptions` under "run". Each
+    epoch's checkpoint holds the training state (weights, optimizer, schedule, random generators,
+    metrics so far) and the best model so far as a finished checkpoint file, so the latest
+    checkpoint is both where a resumed run starts and what the run delivers.
+    """
+    cfg, options = TrainConfig(**config["recipe"]), RunOptions(**config["run"])
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
     if cpus:
@@ -191,17 +266,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     per_worker = len(y_train) // world
     steps = max(per_worker // cfg.batch_size, 1)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps, pct_start=0.2
+        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps, pct_start=cfg.warmup_fraction
     )
     generator = torch.Generator().manual_seed(cfg.seed + rank)
+    progress = _restore(cfg, model, optimizer, scheduler, generator)
     if rank == 0:
         log.info(
             "training %s on %d images (%d validation), %d worker(s), %s, %s",
             cfg.arch, len(y_train), len(y_val), world, device, precision,
         )
+        if progress.epoch:
+            log.info("resuming after epoch %d of %d", progress.epoch, cfg.epochs)
 
-    best_f1, stale = -1.0, 0
-    for epoch in range(1, cfg.epochs + 1):
+    last = cfg.epochs
+    if options.epochs_this_run is not None:
+        last = min(last, progress.epoch + options.epochs_this_run)
+    while progress.epoch < last and progress.stale < cfg.patience:
+        epoch = progress.epoch + 1
         model.train()
         order = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(cfg.seed + epoch))
         mine = order[rank::world][: steps * cfg.batch_size]
@@ -232,45 +313,67 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "val_loss": val_loss,
             "val_accuracy": float((val_pred == truth).mean()),
             "val_macro_f1": float(f1_score(truth, val_pred, average="macro")),
+            "lr": optimizer.param_groups[0]["lr"],
+            "seconds": seconds,
             "images_per_s": len(mine) * world / seconds,
         }
         if rank == 0:
             log.info(
-                "epoch %d/%d  loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  val_macro_f1 %.4f  %.0f img/s",
+                "epoch %d/%d  loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  val_macro_f1 %.4f  lr %.4f  %.0f img/s",
                 epoch, cfg.epochs, metrics["train_loss"], metrics["train_accuracy"], val_loss,
-                metrics["val_accuracy"], metrics["val_macro_f1"], metrics["images_per_s"],
+                metrics["val_accuracy"], metrics["val_macro_f1"], metrics["lr"], metrics["images_per_s"],
             )
-        improved = metrics["val_macro_f1"] > best_f1
-        stale = 0 if improved else stale + 1
-        best_f1 = max(best_f1, metrics["val_macro_f1"])
-        if improved and rank == 0:
-            report = classification_report(
-                truth, val_pred, labels=range(len(LABELS)), target_names=list(LABELS),
-                output_dict=True, zero_division=0,
-            )
-            net = model.module if hasattr(model, "module") else model
-            checkpoint = new_checkpoint(
-                net,
-                arch=cfg.arch,
-                arch_kwargs=cfg.arch_kwargs,
-                labels=LABELS,
-                input_size=cfg.input_size,
-                channels=cfg.channels,
-                mean=mean,
-                std=std,
-                name=cfg.name,
-                trained_on=f"{cfg.train} ({len(y_train)} images); selected on "
-                f"{cfg.validation or f'a stratified {cfg.val_fraction:.0%} split'} ({len(y_val)} images)",
-                recipe=asdict(cfg) | {"precision": precision, "workers": world},
-                metrics={"validation": metrics | {"per_class": report}},
-                test_time_flip=True,
-            )
-            with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(checkpoint, Path(tmp) / CHECKPOINT_FILE)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
+        improved = metrics["val_macro_f1"] > progress.best_f1
+        progress.epoch, progress.history = epoch, [*progress.history, metrics]
+        progress.stale = 0 if improved else progress.stale + 1
+        progress.best_f1 = max(progress.best_f1, metrics["val_macro_f1"])
+        if progress.stale >= cfg.patience and rank == 0:
+            log.info("early stop: val macro-F1 has not improved for %d epochs", progress.stale)
+        if rank != 0:
             ray.train.report(metrics)
-        if stale >= cfg.patience:
-            if rank == 0:
-                log.info("early stop: val macro-F1 has not improved for %d epochs", stale)
-            break
+            continue
+        if options.metrics_csv:
+            write_metrics_csv(progress.history, options.metrics_csv)
+        net = model.module if hasattr(model, "module") else model
+        state = {
+            "recipe": asdict(cfg),
+            "model": net.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "epoch": progress.epoch,
+            "best_f1": progress.best_f1,
+            "stale": progress.stale,
+            "history": progress.history,
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(state, Path(tmp) / STATE_FILE)
+            best_file = Path(tmp) / CHECKPOINT_FILE
+            if improved:
+                report = classification_report(
+                    truth, val_pred, labels=range(len(LABELS)), target_names=list(LABELS),
+                    output_dict=True, zero_division=0,
+                )
+                best = new_checkpoint(
+                    net,
+                    arch=cfg.arch,
+                    arch_kwargs=cfg.arch_kwargs,
+                    labels=LABELS,
+                    input_size=cfg.input_size,
+                    channels=cfg.channels,
+                    mean=mean,
+                    std=std,
+                    name=cfg.name,
+                    trained_on=f"{cfg.train} ({len(y_train)} images); selected on "
+                    f"{cfg.validation or f'a stratified {cfg.val_fraction:.0%} split'} ({len(y_val)} images)",
+                    recipe=asdict(cfg) | {"precision": precision, "workers": world},
+                    metrics={"validation": metrics | {"per_class": report}},
+                    test_time_flip=True,
+                )
+                save_checkpoint(best, best_file)
+                progress.best_model = best_file.read_bytes()
+            else:
+                best_file.write_bytes(progress.best_model)
+            done = progress.epoch >= cfg.epochs or progress.stale >= cfg.patience
+            ray.train.report(metrics | {"done": done}, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -21,7 +21,7 @@ from ray.train.torch import TorchTrainer
 from emotion.checkpoint import CheckpointError, load_checkpoint
 from emotion.folders import absolute_uri, filesystem
 from emotion.models import available_architectures
-from emotion.training import CHECKPOINT_FILE, TrainConfig, train_loop_per_worker
+from emotion.training import CHECKPOINT_FILE, RunOptions, TrainConfig, train_loop_per_worker
 from jobs.conf import apply_defaults
 
 
@@ -39,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)
+    parser.add_argument("--warmup-fraction", type=float, help="share of the one-cycle schedule spent raising the lr")
     parser.add_argument("--weight-decay", type=float)
     parser.add_argument("--label-smoothing", type=float)
     parser.add_argument("--class-weight-power", type=float)
@@ -51,7 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--use-gpu", action=argparse.BooleanOptionalAction)
     parser.add_argument("--cpus-per-worker", type=float, help="default: all CPUs of the cluster shared out")
     parser.add_argument("--storage", default=str(Path.home() / "ray_results"), help="Ray Train run storage")
-    parser.add_argument("--name")
+    parser.add_argument("--name", help="model name, and the run's folder under --storage")
+    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
+                        help="continue the run in --storage/--name from its last epoch, under the same recipe")
+    parser.add_argument("--epochs-this-run", type=int,
+                        help="stop this invocation after N more epochs, leaving the run resumable")
     apply_defaults(parser, "train")
     args = parser.parse_args(argv)
     if args.arch not in available_architectures():
@@ -63,11 +68,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             if not fs.isdir(path):
                 parser.error(f"--{flag} {uri}: no such folder")
             setattr(args, flag, absolute_uri(uri))
+    args.output, args.storage = absolute_uri(args.output), absolute_uri(args.storage)
     return args
+
+
+def metrics_csv_uri(output: str) -> str:
+    """The per-epoch metrics file beside a checkpoint: `model.pt` -> `model.metrics.csv`."""
+    stem = output[: -len(".pt")] if output.endswith(".pt") else output
+    return f"{stem}.metrics.csv"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    fs, run_folder = filesystem(f"{args.storage.rstrip('/')}/{args.name}")
+    if fs.exists(run_folder) and not args.resume:
+        print(f"error: {run_folder} holds an earlier run: pass --resume to continue it, or another --name",
+              file=sys.stderr)
+        return 2
+    if args.resume and not fs.exists(run_folder):
+        print(f"error: --resume: no run in {run_folder}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = TrainConfig(
         train=args.train,
@@ -79,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
+        warmup_fraction=args.warmup_fraction,
         weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing,
         class_weight_power=args.class_weight_power,
@@ -94,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     cpus = args.cpus_per_worker or max(int(ray.cluster_resources().get("CPU", 1)) // args.workers, 1)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=asdict(config),
+        train_loop_config={
+            "recipe": asdict(config),
+            "run": asdict(RunOptions(metrics_csv_uri(args.output), args.epochs_this_run)),
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=args.workers,
             use_gpu=args.use_gpu,
@@ -122,8 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     best = saved.metrics["validation"]
     print(
         f"wrote {args.output}: epoch {best['epoch']}, val accuracy {best['val_accuracy']:.4f}, "
-        f"macro-F1 {best['val_macro_f1']:.4f}, {saved.num_params} parameters"
+        f"macro-F1 {best['val_macro_f1']:.4f}, {saved.num_params} parameters; "
+        f"per-epoch metrics in {metrics_csv_uri(args.output)}"
     )
+    if not result.metrics.get("done", True):
+        print(f"stopped after epoch {result.metrics['epoch']} of {config.epochs}: the same command with "
+              f"--resume continues the run in {run_folder}")
     return 0
 
 

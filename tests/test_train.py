@@ -1,5 +1,6 @@
-"""A real Ray Train run of a few seconds: the checkpoint it writes loads and predicts."""
+"""Real Ray Train runs of a few seconds: the checkpoint loads and predicts, and a run resumes."""
 
+import csv
 import json
 import os
 import subprocess
@@ -14,7 +15,8 @@ from emotion.augment import augment_faces
 from emotion.checkpoint import load_checkpoint
 from emotion.labels import LABELS
 from emotion.predictor import Predictor
-from emotion.training import class_weights
+from emotion.training import CSV_COLUMNS, class_weights, write_metrics_csv
+from jobs.train import metrics_csv_uri
 from tests.services import ROOT
 
 FOLDERS = ["anger", "disgusted", "fearful", "happiness", "neutral", "sadness", "surprised", "contempt"]
@@ -51,6 +53,70 @@ def test_ray_train_writes_a_checkpoint_that_loads_and_predicts(tmp_path):
     assert "stratified 25% split" in checkpoint.trained_on
     probs = Predictor(output, device="cpu").predict_pixels(np.zeros((2, 48, 48, 1), np.uint8))
     assert probs.shape == (2, 7) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+
+
+def train(tmp_path, *extra: str) -> subprocess.CompletedProcess:
+    """`python -m jobs.train` on tiny synthetic faces with a tiny network, in its own local Ray."""
+    command = [sys.executable, "-m", "jobs.train", "--train", str(tmp_path / "train"),
+               "--output", str(tmp_path / "model.pt"), "--batch-size", "16", "--val-fraction", "0.25",
+               "--arch-kwargs", json.dumps({"widths": [8, 16], "depth": 2}), "--precision", "fp32",
+               "--storage", str(tmp_path / "runs"), "--name", "resumable", *extra]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, RAY_ADDRESS="local"))
+
+
+def read_csv(path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_resumes_at_its_next_epoch_and_matches_an_uninterrupted_one(tmp_path):
+    synthetic_faces(tmp_path / "train")
+    first = train(tmp_path, "--epochs", "3", "--epochs-this-run", "1")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "stopped after epoch 1 of 3" in first.stdout
+    metrics = tmp_path / "model.metrics.csv"
+    assert [row["epoch"] for row in read_csv(metrics)] == ["1"]
+
+    again = train(tmp_path, "--epochs", "3")
+    assert again.returncode == 2 and "pass --resume to continue it" in again.stderr
+
+    resumed = train(tmp_path, "--epochs", "3", "--resume")
+    log = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, log[-6000:]
+    assert "resuming after epoch 1 of 3" in log
+    assert "epoch 1/3" not in log and "epoch 2/3" in log and "epoch 3/3" in log
+    interrupted = read_csv(metrics)
+    assert [row["epoch"] for row in interrupted] == ["1", "2", "3"]
+    assert list(interrupted[0]) == list(CSV_COLUMNS)
+
+    (tmp_path / "straight").mkdir()
+    (tmp_path / "straight" / "train").symlink_to(tmp_path / "train")
+    straight = train(tmp_path / "straight", "--epochs", "3")
+    assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
+    uninterrupted = read_csv(tmp_path / "straight" / "model.metrics.csv")
+    for a, b in zip(interrupted, uninterrupted, strict=True):
+        for column in ("train_loss", "train_accuracy", "val_loss", "lr"):
+            assert float(a[column]) == pytest.approx(float(b[column]), rel=1e-4), (a["epoch"], column)
+    best = load_checkpoint(tmp_path / "model.pt").metrics["validation"]
+    assert best["val_macro_f1"] == max(float(row["val_macro_f1"]) for row in interrupted)
+
+
+def test_metrics_csv_sits_beside_the_checkpoint():
+    assert metrics_csv_uri("s3://bucket/models/v2.pt") == "s3://bucket/models/v2.metrics.csv"
+    assert metrics_csv_uri("/runs/model") == "/runs/model.metrics.csv"
+
+
+def test_metrics_csv_is_rewritten_not_appended(tmp_path):
+    path = str(tmp_path / "m.csv")
+    epoch = {"epoch": 1, "train_loss": 1.5, "train_accuracy": 0.4, "val_loss": 1.4, "val_accuracy": 0.45,
+             "val_macro_f1": 0.3, "lr": 0.01, "seconds": 2.0, "images_per_s": 100.0}
+    write_metrics_csv([epoch], path)
+    write_metrics_csv([epoch, epoch | {"epoch": 2, "lr": 0.02}], path)
+    rows = read_csv(path)
+    assert [(row["epoch"], row["lr"]) for row in rows] == [("1", "0.01"), ("2", "0.02")]
+    assert list(rows[0]) == list(CSV_COLUMNS)
 
 
 def test_class_weights_lift_rare_classes():

@@ -38,6 +38,9 @@ class Settings:
     models: dict[str, str | None] = field(default_factory=lambda: {"emotion_cnn_fer2013": None})
     default_model: str | None = None
     max_upload_bytes: int = 10 * 1024 * 1024
+    upload_timeout_s: float | None = 20.0
+    min_upload_bytes_per_s: float | None = 8192.0
+    max_pixels: int = 4096 * 4096
     max_files_per_request: int = 64
     auth_token: str | None = None
     cors_origins: list[str] = field(default_factory=list)
@@ -53,11 +56,16 @@ class Settings:
 
 # Decoding errors that mean "this is not something we can read" versus "it is an image, but broken".
 _UNSUPPORTED = {"not an image"}
+# An image over the pixel cap is refused like an upload over the byte cap: the request is too large
+# for this service, and the client can fix it by downscaling, which 413 says and 400 does not.
+_TOO_MANY_PIXELS = "too many pixels"
 
 
 def _decode_status(error: str) -> int:
     if error == "empty file":
         return 422
+    if error.startswith(_TOO_MANY_PIXELS):
+        return 413
     return 415 if error in _UNSUPPORTED else 400
 
 
@@ -84,7 +92,8 @@ def _build_api(settings: Settings) -> FastAPI:
         description="Facial emotion recognition. Upload images; get probabilities for "
         + ", ".join(emotion.LABELS) + ".",
     )
-    api.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)
+    api.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes, timeout_s=settings.upload_timeout_s,
+                       min_rate=settings.min_upload_bytes_per_s)
     if settings.cors_origins:
         api.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST"], allow_headers=["*"])
@@ -180,9 +189,12 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 
         async def _classify(self, model: str, data: bytes) -> dict[str, Any]:
             size, channels = self.specs[model]
-            decoded = await asyncio.to_thread(decode_image, data, size, channels)
+            decoded = await asyncio.to_thread(decode_image, data, size, channels, settings.max_pixels)
             if decoded.error is not None:
-                return {"status": "error", "error": decoded.error, "code": _decode_status(decoded.error)}
+                error = decoded.error
+                if error.startswith(_TOO_MANY_PIXELS):
+                    error += f" (at most {settings.max_pixels})"
+                return {"status": "error", "error": error, "code": _decode_status(error)}
             probs = await self.forward((model, decoded.pixels))
             labels = self.cards[model]["labels"]
             top = int(np.argmax(probs))
@@ -215,8 +227,13 @@ def build_app(args: dict[str, Any]) -> serve.Application:
                     "models": [{"name": name, **{k: card[k] for k in keys}} for name, card in self.cards.items()]}
 
         @api.get("/stats")
-        async def stats(self) -> dict[str, Any]:
-            """This replica's recent batch sizes: evidence that concurrent requests share passes."""
+        async def stats(self, request: Request) -> dict[str, Any]:
+            """This replica's recent batch sizes: evidence that concurrent requests share passes.
+
+            Behind the token like /models: it tells a caller which models are loaded and how busy
+            the replica is. /health stays open for load balancers' probes.
+            """
+            self._authorize(request)
             return {"loaded_models": sorted(self.loaded), "recent_batch_sizes": self.batch_sizes[-200:]}
 
         @api.post(

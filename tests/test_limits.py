@@ -1,0 +1,80 @@
+"""UploadLimit against scripted ASGI clients: sizes and upload speeds, without a server."""
+
+import asyncio
+import json
+
+import pytest
+
+from serve import limits
+from serve.limits import UploadLimit
+
+
+async def read_body(scope, receive, send) -> None:
+    """An application that reads the whole body, then answers 200 with its length."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": str(len(body)).encode()})
+
+
+def call(middleware: UploadLimit, chunks: list[tuple[float, bytes]], headers=()) -> tuple[int, str]:
+    """Send `chunks` as (delay before it, bytes) and return the status and body of the answer."""
+
+    async def run() -> tuple[int, str]:
+        pending = list(chunks)
+        answer: list[dict] = []
+
+        async def receive() -> dict:
+            if not pending:
+                await asyncio.sleep(3600)
+            delay, data = pending.pop(0)
+            await asyncio.sleep(delay)
+            return {"type": "http.request", "body": data, "more_body": bool(pending)}
+
+        async def send(message: dict) -> None:
+            answer.append(message)
+
+        await middleware({"type": "http", "headers": list(headers)}, receive, send)
+        return answer[0]["status"], answer[1]["body"].decode()
+
+    return asyncio.run(run())
+
+
+@pytest.fixture(autouse=True)
+def short_grace(monkeypatch):
+    monkeypatch.setattr(limits, "RATE_GRACE_S", 0.2)
+
+
+def test_a_body_at_a_normal_pace_passes():
+    middleware = UploadLimit(read_body, max_bytes=1000, timeout_s=1.0, min_rate=100)
+    assert call(middleware, [(0.0, b"a" * 50), (0.05, b"b" * 50)]) == (200, "100")
+
+
+def test_a_trickling_body_is_cut_off_after_the_grace():
+    middleware = UploadLimit(read_body, max_bytes=1000, timeout_s=30.0, min_rate=100)
+    status, body = call(middleware, [(0.1, b"a")] * 50)
+    assert status == 408
+    assert json.loads(body)["detail"].startswith("upload slower than 100 bytes/s (")
+
+
+def test_a_body_fast_enough_but_not_complete_by_the_deadline_is_cut_off():
+    middleware = UploadLimit(read_body, max_bytes=10_000, timeout_s=0.5, min_rate=100)
+    status, body = call(middleware, [(0.1, b"a" * 100)] * 20)
+    assert status == 408
+    assert json.loads(body)["detail"].startswith("upload not complete within 0.5 s (")
+
+
+def test_without_time_limits_a_slow_body_is_waited_for():
+    middleware = UploadLimit(read_body, max_bytes=1000, timeout_s=None, min_rate=None)
+    assert call(middleware, [(0.1, b"a")] * 5) == (200, "5")
+
+
+def test_sizes_are_still_limited():
+    middleware = UploadLimit(read_body, max_bytes=100, timeout_s=1.0, min_rate=100)
+    assert call(middleware, [(0.0, b"a" * 60), (0.0, b"a" * 60)])[0] == 413
+    declared = call(middleware, [(0.0, b"a")], headers=[(b"content-length", b"101")])
+    assert declared == (413, json.dumps({"detail": "upload larger than 100 bytes"}))

@@ -1,0 +1,1 @@
+"""Fault injection: the scoring job and the endpoint under bad data, kills and hostile clients."""

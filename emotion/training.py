@@ -45,28 +45,32 @@ CSV_COLUMNS = (
 
 @dataclass
 class TrainConfig:
-    """Everything a training run depends on; stored in the checkpoint as its recipe."""
+    """Everything a training run depends on; stored in the checkpoint as its recipe.
+
+    No field has a default of its own: `jobs.train` fills every one from its flags, whose defaults
+    are conf/train.yaml, so a default lives in one place.
+    """
 
     train: str
-    validation: str | None = None
-    arch: str = "emotion_cnn"
-    arch_kwargs: dict[str, Any] = field(default_factory=dict)
-    input_size: int = 48
-    channels: int = 1
-    epochs: int = 40
-    batch_size: int = 128
-    lr: float = 0.05
-    warmup_fraction: float = 0.2
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.1
-    class_weight_power: float = 0.5
-    patience: int = 10
-    val_fraction: float = 0.1
-    precision: str = "auto"
-    seed: int = 0
-    limit_per_class: int | None = None
-    augmentation: dict[str, Any] = field(default_factory=dict)
-    name: str = "emotion_cnn_fer2013"
+    validation: str | None
+    arch: str
+    arch_kwargs: dict[str, Any]
+    input_size: int
+    channels: int
+    epochs: int
+    batch_size: int
+    lr: float
+    warmup_fraction: float
+    weight_decay: float
+    label_smoothing: float
+    class_weight_power: float
+    patience: int
+    val_fraction: float
+    precision: str
+    seed: int
+    limit_per_class: int | None
+    augmentation: dict[str, Any]
+    name: str
 
 
 @dataclass

@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import fsspec
@@ -89,28 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --resume: no run in {run_folder}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    config = TrainConfig(
-        train=args.train,
-        validation=args.validation,
-        arch=args.arch,
-        arch_kwargs=args.arch_kwargs,
-        input_size=args.input_size,
-        channels=args.channels,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup_fraction=args.warmup_fraction,
-        weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing,
-        class_weight_power=args.class_weight_power,
-        patience=args.patience,
-        val_fraction=args.val_fraction,
-        precision=args.precision,
-        seed=args.seed,
-        limit_per_class=args.limit_per_class,
-        augmentation=args.augmentation,
-        name=args.name,
-    )
+    # Flags, YAML keys and TrainConfig fields share their names, so the config is read off them.
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
     cpus = args.cpus_per_worker or max(int(ray.cluster_resources().get("CPU", 1)) // args.workers, 1)
     trainer = TorchTrainer(

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -15,8 +16,9 @@ from emotion.augment import augment_faces
 from emotion.checkpoint import load_checkpoint
 from emotion.labels import LABELS
 from emotion.predictor import Predictor
-from emotion.training import CSV_COLUMNS, class_weights, write_metrics_csv
-from jobs.train import metrics_csv_uri
+from emotion.training import CSV_COLUMNS, TrainConfig, class_weights, write_metrics_csv
+from jobs.conf import read_defaults
+from jobs.train import metrics_csv_uri, parse_args
 from tests.services import ROOT
 
 FOLDERS = ["anger", "disgusted", "fearful", "happiness", "neutral", "sadness", "surprised", "contempt"]
@@ -101,6 +103,15 @@ def test_an_interrupted_run_resumes_at_its_next_epoch_and_matches_an_uninterrupt
             assert float(a[column]) == pytest.approx(float(b[column]), rel=1e-4), (a["epoch"], column)
     best = load_checkpoint(tmp_path / "model.pt").metrics["validation"]
     assert best["val_macro_f1"] == max(float(row["val_macro_f1"]) for row in interrupted)
+
+
+def test_recipe_fields_take_the_yaml_defaults_through_their_flags(tmp_path):
+    args = parse_args(["--train", str(tmp_path), "--output", str(tmp_path / "m.pt"), "--lr", "0.1"])
+    recipe = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    defaults = read_defaults("train")
+    assert recipe["lr"] == 0.1
+    assert all(recipe[key] == value for key, value in defaults.items() if key in recipe and key != "lr")
+    assert args.resume is False and args.epochs_this_run is None
 
 
 def test_metrics_csv_sits_beside_the_checkpoint():

@@ -196,21 +196,21 @@ def sha256_of(uri: str) -> str:
 
 
 def _waiting_work() -> str:
-    """What Ray reports as waiting for resources: the reason a stalled job is stalled."""
-    from ray.util.state import list_actors, list_tasks
+    """What the cluster cannot place right now (as `ray status` lists pending demands) and what
+    it has free: the usual reason a stalled job is stalled."""
+    from ray.autoscaler.v2.sdk import get_cluster_status
 
-    parts = []
     try:
-        actors = list_actors(filters=[("state", "in", ["PENDING_CREATION", "RESTARTING"])], limit=20)
-        tasks = list_tasks(filters=[("state", "in", ["PENDING_NODE_ASSIGNMENT", "PENDING_ARGS_AVAIL"])], limit=20)
-        parts.append("actors waiting: " + (", ".join(f"{a.class_name} ({a.state})" for a in actors) or "none"))
-        parts.append("tasks waiting: " + (", ".join(f"{t.name} ({t.state})" for t in tasks) or "none"))
-    except Exception as exc:  # the state API is a diagnostic; its absence must not hide the stall
-        parts.append(f"state API unavailable ({type(exc).__name__})")
-    free = {k: round(v, 2) for k, v in ray.available_resources().items() if k in ("CPU", "GPU", "memory")}
-    parts.append(f"free resources: {free}; cluster: {ray.cluster_resources().get('CPU', 0):g} CPUs, "
-                 f"{ray.cluster_resources().get('GPU', 0):g} GPUs")
-    return "; ".join(parts)
+        status = get_cluster_status(ray.get_runtime_context().gcs_address)
+        demands = [f"{request.count} x {request.bundle}"
+                   for demand in status.resource_demands.ray_task_actor_demand
+                   for request in demand.bundles_by_count]
+        waiting = "waiting for resources: " + (", ".join(demands) or "nothing")
+    except Exception as exc:  # a diagnostic only: its failure must not hide the stall itself
+        waiting = f"pending demands unavailable ({type(exc).__name__})"
+    free = {k: round(v, 2) for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+    total = ray.cluster_resources()
+    return f"{waiting}; free {free} of {total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs"
 
 
 class Progress:

@@ -55,8 +55,8 @@ class RayHead:
             RAY_AUTH_MODE="token",
             RAY_ADDRESS=self.dashboard_url,
             PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-            **extra,
         )
+        env.update(extra)
         return env
 
     def submit(self, *entrypoint: str, env_vars: dict[str, str] | None = None, timeout: float = 600,
@@ -104,6 +104,59 @@ def ray_head(num_cpus: int = 2) -> Iterator[RayHead]:
             os.killpg(process.pid, signal.SIGKILL)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@dataclass
+class RayWorker:
+    """A second node joined to a head on this machine; `kill` takes it down as a lost machine
+    goes: every process of the node at once, with no chance to say goodbye."""
+
+    process: subprocess.Popen
+    node_manager_port: int
+
+    def kill(self) -> None:
+        os.killpg(self.process.pid, signal.SIGKILL)
+
+
+@contextmanager
+def ray_worker(head: RayHead, num_cpus: int = 1) -> Iterator[RayWorker]:
+    """`ray start --address` for one more node, with its own ports and temp dir (its sockets)."""
+    ports = free_ports(8)
+    command = [
+        str(BIN / "ray"), "start", f"--address={head.gcs_address}", "--block", "--disable-usage-stats",
+        f"--num-cpus={num_cpus}", f"--node-manager-port={ports[0]}", f"--object-manager-port={ports[1]}",
+        f"--metrics-export-port={ports[2]}", f"--dashboard-agent-listen-port={ports[3]}",
+        f"--dashboard-agent-grpc-port={ports[4]}", f"--runtime-env-agent-port={ports[5]}",
+        f"--temp-dir={tempfile.mkdtemp(prefix='ray-worker-', dir=head.temp_dir)}",
+    ]
+    env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+               **serving_env())
+    log = open(Path(head.temp_dir) / f"worker-{ports[0]}.log", "w")  # noqa: SIM115 - lives as long as the node
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    worker = RayWorker(process, ports[0])
+    try:
+        _wait_for_nodes(head, 2)
+        yield worker
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+        log.close()
+
+
+def _wait_for_nodes(head: RayHead, count: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    probe = "import ray; ray.init(); print(sum(n['Alive'] for n in ray.nodes()))"
+    while time.monotonic() < deadline:
+        result = subprocess.run([sys.executable, "-c", probe], env=head.env(RAY_ADDRESS=head.gcs_address),
+                                capture_output=True, text=True, timeout=120)
+        if result.returncode == 0 and result.stdout.strip().splitlines()[-1:] == [str(count)]:
+            return
+        time.sleep(2)
+    raise RuntimeError(f"the cluster did not reach {count} alive nodes in time")
 
 
 def _wait_for_job_agent(head: RayHead, process: subprocess.Popen, timeout: float = 120) -> None:

@@ -15,7 +15,7 @@ from ray.data.block import BlockAccessor
 from emotion.labels import LABELS
 from emotion.preprocess import decode_image
 from jobs.decoding import ImageFiles, decode_files
-from jobs.pipeline import PipelineConfig, ScoreBatch, output_schema, score_files
+from jobs.pipeline import PipelineConfig, ProgressCounter, ScoreBatch, output_schema, score_files
 from tests.conftest import tiny_checkpoint
 from tests.images import jpeg
 from tests.services import ROOT
@@ -97,3 +97,10 @@ def test_decoding_workers_do_not_import_torch():
     probe = "import sys, jobs.decoding; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_progress_counts_a_retried_batch_once(local_ray):
+    counter = ProgressCounter.remote(5)
+    counter.add.remote(np.array([0, 1, 2]))
+    counter.add.remote(np.array([1, 2]))
+    assert ray.get(counter.total.remote()) == 3

@@ -1,8 +1,6 @@
 """The scoring job end to end, driven as users drive it: `ray job submit` to a local head."""
 
 import json
-import subprocess
-import time
 
 import boto3
 import pandas as pd
@@ -85,39 +83,3 @@ def test_s3_input_and_output(ray_cluster, s3, tmp_path, model_path):
     df = pd.concat(pd.read_parquet(fs.open(f)) for f in files)
     expected = {f"batch {i % 3}/face{i}.JPG": None for i in range(12)} | {"broken.jpg": "not an image"}
     check_accounted(df, expected, "faces/in")
-
-
-def test_killed_run_resumes_and_ends_with_each_path_once(ray_cluster, tmp_path, model_path):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(3000):
-        (folder / f"f{i:05d}.jpg").write_bytes(jpeg(seed=i % 50))
-    out = tmp_path / "out"
-    args = ["python", "-m", "jobs.score", "--input", str(folder), "--output", str(out),
-            "--model", str(model_path), "--batch-size", "20", "--files-per-block", "100", "--rows-per-file", "100",
-            # On a resumed run Ray Data adds a checkpoint-filter actor (1 CPU) to the 2-CPU head.
-            "--actors", "1", "--cpus-per-actor", "0.5"]
-    started = ray_cluster.submit(*args, wait=False)
-    job_id = started.stdout.split("Job '")[1].split("'")[0]
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not list(out.glob("*.parquet")):
-        time.sleep(0.2)
-    subprocess.run([ray_cluster_bin(), "job", "stop", job_id, "--address", ray_cluster.dashboard_url],
-                   env=ray_cluster.env(), capture_output=True, timeout=120)
-    partial = len(pd.read_parquet(out)) if list(out.glob("*.parquet")) else 0
-    assert not (out / "_manifest.json").exists()
-    assert 0 < partial < 3000, "the job was stopped midway"
-
-    result = ray_cluster.submit(*args)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    manifest = json.loads((out / "_manifest.json").read_text())
-    assert manifest["rows"] == {"total": 3000, "ok": 3000, "error": 0}
-    assert manifest["resumed_rows"] >= partial > 0
-    df = pd.read_parquet(out)
-    assert len(df) == 3000 and df["path"].is_unique
-
-
-def ray_cluster_bin() -> str:
-    from tests.services import BIN
-
-    return str(BIN / "ray")

@@ -5,52 +5,14 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
-import fsspec
-import pyarrow.fs
 from fsspec import AbstractFileSystem
 
 from emotion.labels import canonical_label
+from emotion.uris import filesystem, full_uri, strip_scheme
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 )
-
-
-def filesystem(uri: str, endpoint_url: str | None = None) -> tuple[AbstractFileSystem, str]:
-    """The fsspec filesystem for `uri` and the path inside it.
-
-    S3 uses the standard AWS credential chain; S3-compatible stores are reached through
-    AWS_ENDPOINT_URL, which botocore reads itself, or `endpoint_url`, which travels with the
-    filesystem when it is shipped to Ray workers whose environment may not have the variable.
-    """
-    options = {"endpoint_url": endpoint_url} if endpoint_url and uri.startswith("s3://") else {}
-    fs, path = fsspec.core.url_to_fs(uri, **options)
-    return fs, path
-
-
-def arrow_filesystem(uri: str, endpoint_url: str | None = None) -> pyarrow.fs.FileSystem | None:
-    """A pyarrow filesystem for Ray Data's readers and writers on `uri`, None for local paths.
-
-    pyarrow's own S3 client is given the endpoint explicitly, so S3-compatible stores work the
-    same for listing (s3fs) and for reading and writing (Arrow).
-    """
-    if not uri.startswith("s3://"):
-        return None
-    if not endpoint_url:
-        return pyarrow.fs.S3FileSystem()
-    scheme, _, host = endpoint_url.partition("://")
-    return pyarrow.fs.S3FileSystem(endpoint_override=host or scheme, scheme=scheme if host else "https")
-
-
-def full_uri(fs: AbstractFileSystem, path: str) -> str:
-    """A path as the user would write it: s3://bucket/key for S3, the plain path locally."""
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return path if protocol in ("file", "local") else f"{protocol}://{path}"
-
-
-def absolute_uri(uri: str) -> str:
-    """`uri` with a local path made absolute, since Ray workers do not share the driver's cwd."""
-    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
 
 
 def is_image_name(name: str) -> bool:
@@ -164,6 +126,6 @@ def read_many(paths: list[str]) -> list[bytes]:
     if not paths:
         return []
     fs, _ = filesystem(paths[0])
-    stripped = [fsspec.core.url_to_fs(p)[1] for p in paths]
+    stripped = [strip_scheme(p) for p in paths]
     contents = fs.cat(stripped, on_error="return")
     return [c if isinstance(c, bytes) else b"" for c in (contents[p] for p in stripped)]

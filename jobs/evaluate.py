@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,26 +28,15 @@ import ray.data
 import torch
 
 from emotion.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, CheckpointError, load_checkpoint
-from emotion.folders import (
-    absolute_uri,
-    filesystem,
-    list_labelled_images,
-    read_many,
-)
-from emotion.history import (
-    append_history,
-    compare,
-    gate_failures,
-    history_entry,
-    read_history,
-    read_reference,
-)
-from emotion.labels import canonical_label
-from emotion.metrics import classification_metrics
-from emotion.report import render_html, thumbnail
+from emotion.evaluation.gate import verdict
+from emotion.evaluation.history import append_history, history_entry, read_history, read_reference
+from emotion.evaluation.report import render_html, thumbnail
+from emotion.evaluation.sets import LabelledSet, join_truth, read_labelled_set, set_result
+from emotion.folders import read_many
+from emotion.uris import absolute_uri, filesystem
+from jobs.common import UsageError, sha256_of, start
 from jobs.conf import CONF_DIR, apply_defaults
 from jobs.pipeline import PipelineConfig, score_files
-from jobs.score import UsageError, sha256_of
 
 log = logging.getLogger("jobs.evaluate")
 SCHEMA_VERSION = 1
@@ -59,23 +47,11 @@ _TIMING_COLUMNS = ("inference_seconds", "peak_rss_bytes", "peak_gpu_bytes")
 
 
 @dataclass(frozen=True)
-class LabelledInput:
-    """One set to evaluate: every image with its folder and its class id in the model's labels
-    (-1 for a folder that names no class the model knows)."""
-
-    name: str
-    uri: str
-    paths: list[str]
-    folders: list[str]
-    classes: list[int]
-
-
-@dataclass(frozen=True)
 class EvaluateJob:
     """A validated evaluation run; everything here was checked before Ray starts."""
 
     run_id: str
-    sets: list[LabelledInput]
+    sets: list[LabelledSet]
     output: str
     checkpoint: Checkpoint
     model_uri: str
@@ -149,39 +125,18 @@ def _split_input(spec: str) -> tuple[str, str]:
     return name, uri
 
 
-def read_labelled_input(spec: str, labels: tuple[str, ...]) -> LabelledInput:
-    """A set's images with class ids in the model's label order; fails when nothing can be scored.
-
-    A folder counts as known when its alias maps onto one of the model's labels, or when it spells
-    one exactly (a model trained with an extra class); anything else stays unknown under its name.
-    """
+def read_input(spec: str, labels: tuple[str, ...]) -> LabelledSet:
+    """The set a `--input NAME=PATH` names; any reason it cannot be scored is a usage error."""
     name, raw = _split_input(spec)
     uri = absolute_uri(raw).rstrip("/")
     try:
-        found = list_labelled_images(uri)
+        return read_labelled_set(name, uri, labels)
     except FileNotFoundError:
         raise UsageError(f"--input {spec}: no such folder or prefix") from None
-    except ValueError as exc:
-        raise UsageError(f"--input {name}={exc}") from None
     except PermissionError as exc:
         raise UsageError(f"--input {spec}: not readable ({exc})") from None
-    root = _stripped(uri) + "/"
-    by_folder: dict[str, list[str]] = dict(found.unknown)
-    for path in found.paths:
-        # Images may sit deeper than the class folder; the first component below the root names it.
-        by_folder.setdefault(_stripped(path).removeprefix(root).split("/")[0], []).append(path)
-    paths, folders, classes = [], [], []
-    for folder, images in sorted(by_folder.items()):
-        label = canonical_label(folder) or folder.strip().lower()
-        class_id = labels.index(label) if label in labels else -1
-        paths += images
-        folders += [folder] * len(images)
-        classes += [class_id] * len(images)
-    if not any(c >= 0 for c in classes):
-        with_images = ", ".join(sorted(by_folder)) or "none"
-        raise UsageError(f"--input {spec}: no images in a sub-folder naming a class the model knows "
-                         f"(sub-folders with images: {with_images})")
-    return LabelledInput(name, uri, paths, folders, classes)
+    except ValueError as exc:
+        raise UsageError(f"--input {spec}: {str(exc).removeprefix(uri + ': ')}") from None
 
 
 def _check_counts(args: argparse.Namespace) -> None:
@@ -210,7 +165,7 @@ def plan_job(args: argparse.Namespace, run_id: str) -> EvaluateJob:
         checkpoint = load_checkpoint(model_uri)
     except CheckpointError as exc:
         raise UsageError(f"--model {exc}") from None
-    sets = [read_labelled_input(spec, checkpoint.labels) for spec in args.input]
+    sets = [read_input(spec, checkpoint.labels) for spec in args.input]
     output = absolute_uri(args.output.replace("{run_id}", run_id)).rstrip("/")
     fs, root = filesystem(output)
     if fs.exists(f"{root}/{REPORT_JSON}") and not args.overwrite:
@@ -256,12 +211,7 @@ def plan_job(args: argparse.Namespace, run_id: str) -> EvaluateJob:
     )
 
 
-def _stripped(uri: str) -> str:
-    """A path as Ray Data's reader reports it: without the s3:// scheme."""
-    return uri.split("://", 1)[1] if "://" in uri else uri
-
-
-def score_set(job: EvaluateJob, labelled: LabelledInput) -> tuple[pd.DataFrame, dict[str, Any]]:
+def score_set(job: EvaluateJob, labelled: LabelledSet) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Predictions for every image of the set joined with its folder and class, and the
     efficiency measured while producing them."""
     started = time.monotonic()
@@ -269,17 +219,7 @@ def score_set(job: EvaluateJob, labelled: LabelledInput) -> tuple[pd.DataFrame, 
                      filesystem(labelled.uri, job.endpoint_url)[0], timing=True)
     df = ds.to_pandas()
     seconds = time.monotonic() - started
-    truth = pd.DataFrame({
-        "path": [_stripped(p) for p in labelled.paths],
-        "uri": labelled.paths,
-        "folder": labelled.folders,
-        "true_class": np.asarray(labelled.classes, dtype=np.int16),
-    })
-    if len(df) != len(truth) or set(df["path"]) != set(truth["path"]):
-        raise RuntimeError(f"set {labelled.name}: the pipeline returned {len(df)} rows for {len(truth)} images")
-    df = truth.merge(df, on="path", validate="one_to_one").sort_values("path", ignore_index=True)
-    labels = job.checkpoint.labels
-    df.insert(3, "true_label", [labels[c] if c >= 0 else None for c in df["true_class"]])
+    df = join_truth(df, labelled, job.checkpoint.labels)
     ok = int((df["status"] == "ok").sum())
     fs, path = filesystem(job.model_uri)
     peak_gpu = int(df["peak_gpu_bytes"].max())
@@ -303,62 +243,9 @@ def write_predictions(df: pd.DataFrame, uri: str) -> None:
         pq.write_table(pa.Table.from_pandas(df.drop(columns=["uri"]), preserve_index=False), f)
 
 
-def set_result(job: EvaluateJob, labelled: LabelledInput, df: pd.DataFrame, efficiency: dict[str, Any],
-               predictions: str) -> dict[str, Any]:
-    """One set's entry of report.json: counts, exclusions, metrics, errors, efficiency, mistakes."""
-    labels = job.checkpoint.labels
-    ok, known = df["status"] == "ok", df["true_class"] >= 0
-    scored = df[ok & known]
-    probs = scored[[f"prob_{label}" for label in labels]].to_numpy(dtype=float)
-    metrics = classification_metrics(scored["true_class"].to_numpy(), scored["predicted_class"].to_numpy(),
-                                     probs, labels, job.bins)
-    unknown = {
-        folder: {
-            "n_images": len(rows),
-            "n_errors": int((rows["status"] != "ok").sum()),
-            "predicted": {label: int((rows["predicted_label"] == label).sum()) for label in labels},
-        }
-        for folder, rows in df[~known].groupby("folder")
-    }
-    errors = df[~ok]
-    wrong = scored[scored["predicted_class"] != scored["true_class"]]
-    mistakes = wrong.sort_values(["confidence", "path"], ascending=[False, True]).head(job.gallery)
-    return {
-        "name": labelled.name,
-        "input": labelled.uri,
-        "predictions": predictions,
-        "n_images": len(df),
-        "n_errors": len(errors),
-        "n_excluded_unknown": int((~known).sum()),
-        **metrics,
-        "unknown_classes": unknown,
-        "errors": [{"path": p, "error": e} for p, e in zip(errors["uri"], errors["error"], strict=True)],
-        "efficiency": efficiency,
-        "most_confident_mistakes": [
-            {"path": r.uri, "true_label": r.true_label, "predicted_label": r.predicted_label,
-             "confidence": float(r.confidence)}
-            for r in mistakes.itertuples()
-        ],
-    }
-
-
 def _with_thumbnails(mistakes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     images = read_many([m["path"] for m in mistakes])
     return [m | {"thumbnail": thumbnail(data)} for m, data in zip(mistakes, images, strict=True)]
-
-
-def gate(job: EvaluateJob, sets: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The comparison block and the verdict of report.json."""
-    comparisons = {
-        "previous": compare(sets, job.previous["sets"] if job.previous else None),
-        "baseline": compare(sets, job.baseline["sets"] if job.baseline else None),
-    }
-    comparison = comparisons | {
-        "previous_run": job.previous["run"] if job.previous else None,
-        "baseline_uri": job.baseline_uri,
-    }
-    failures = gate_failures(sets, comparisons, job.tolerance)
-    return comparison, {"tolerance": job.tolerance, "passed": not failures, "failures": failures}
 
 
 def run(job: EvaluateJob, started_at: datetime) -> dict[str, Any]:
@@ -376,8 +263,9 @@ def run(job: EvaluateJob, started_at: datetime) -> dict[str, Any]:
         df, efficiency = score_set(job, labelled)
         predictions = f"{job.output}/predictions/{labelled.name}"
         write_predictions(df, predictions)
-        sets[labelled.name] = set_result(job, labelled, df, efficiency, predictions)
-    comparison, verdict = gate(job, sets)
+        sets[labelled.name] = set_result(labelled, df, job.checkpoint.labels, job.bins, job.gallery, efficiency,
+                                         predictions)
+    comparison, gate = verdict(sets, job.previous, job.baseline, job.baseline_uri, job.tolerance)
     fs, path = filesystem(job.model_uri)
     report = {
         "schema_version": SCHEMA_VERSION,
@@ -396,7 +284,7 @@ def run(job: EvaluateJob, started_at: datetime) -> dict[str, Any]:
         },
         "sets": sets,
         "comparison": comparison,
-        "gate": verdict,
+        "gate": gate,
     }
     out_fs.makedirs(root, exist_ok=True)
     with out_fs.open(f"{root}/{REPORT_JSON}", "w") as f:
@@ -410,11 +298,8 @@ def run(job: EvaluateJob, started_at: datetime) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     parser, args = parse_args(argv)
-    if args.endpoint_url:
-        os.environ["AWS_ENDPOINT_URL"] = args.endpoint_url
-    args.endpoint_url = args.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+    args = start(parser, args=args)
     started_at = datetime.now(UTC)
     try:
         job = plan_job(args, started_at.strftime("%Y%m%dT%H%M%SZ"))

@@ -14,6 +14,8 @@ from typing import Any
 
 from fsspec import AbstractFileSystem
 
+from emotion.uris import join, scheme, strip_scheme
+
 MANIFEST = "_manifest.json"
 RUN_RECORD = "_run.json"
 # A folder earlier versions of the job left beside their Parquet files; removed by --overwrite.
@@ -25,10 +27,6 @@ class OutputError(Exception):
     """The output location cannot be used as asked; the message says why and what to do."""
 
 
-def _scheme(uri: str) -> str:
-    return uri.split("://", 1)[0] if "://" in uri else "file"
-
-
 def _inside(child: str, parent: str) -> bool:
     return child == parent or child.startswith(parent.rstrip("/") + "/")
 
@@ -36,10 +34,10 @@ def _inside(child: str, parent: str) -> bool:
 def check_separate(input_uri: str, output_uri: str) -> None:
     """Refuse an output that is the input, lies inside it, or contains it: overwriting or resuming
     there would delete or rescan the user's images."""
-    if _scheme(input_uri) != _scheme(output_uri):
+    if scheme(input_uri) != scheme(output_uri):
         return
-    if "://" in input_uri:
-        source, target = input_uri.split("://", 1)[1].rstrip("/"), output_uri.split("://", 1)[1].rstrip("/")
+    if scheme(input_uri) != "file":
+        source, target = strip_scheme(input_uri).rstrip("/"), strip_scheme(output_uri).rstrip("/")
     else:
         source, target = os.path.realpath(input_uri), os.path.realpath(output_uri)
     if source == target:
@@ -144,5 +142,5 @@ def clear_output(fs: AbstractFileSystem, state: OutputState) -> None:
 
 def write_record(fs: AbstractFileSystem, root: str, record: dict[str, Any]) -> None:
     fs.makedirs(root, exist_ok=True)
-    with fs.open(f"{root.rstrip('/')}/{RUN_RECORD}", "w") as f:
+    with fs.open(join(root, RUN_RECORD), "w") as f:
         json.dump(record, f, indent=2)

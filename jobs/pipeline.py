@@ -23,6 +23,7 @@ from ray.data import ActorPoolStrategy
 from emotion.checkpoint import Checkpoint
 from emotion.predictor import Predictor
 from emotion.preprocess import DEFAULT_MAX_PIXELS
+from emotion.uris import strip_scheme
 from jobs.decoding import ImageFiles
 
 PROGRESS_ACTOR = "emotion-ray-progress"
@@ -175,7 +176,7 @@ def score_files(
     # Read tasks hold a bounded number of files, so the rows in flight between reading and a
     # written Parquet file (what a stopped run redoes) stay bounded too.
     files = ImageFiles(
-        [p.split("://", 1)[1] if "://" in p else p for p in paths],
+        [strip_scheme(p) for p in paths],
         filesystem,
         size=checkpoint.input_size,
         channels=checkpoint.channels,

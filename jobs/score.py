@@ -7,7 +7,6 @@ the output complete. A run that stops early resumes where it left off when start
 
 import _thread
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -18,7 +17,6 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-import fsspec
 import pyarrow
 import pyarrow.compute
 import pyarrow.parquet as pq
@@ -28,7 +26,9 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from emotion.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, CheckpointError, load_checkpoint
-from emotion.folders import absolute_uri, arrow_filesystem, filesystem, list_images
+from emotion.folders import list_images
+from emotion.uris import absolute_uri, arrow_filesystem, filesystem, join, strip_scheme
+from jobs.common import UsageError, sha256_of, start
 from jobs.conf import apply_defaults
 from jobs.layout import WRITE_CPUS, LayoutError, alive_nodes, fit_layout
 from jobs.output import (
@@ -45,10 +45,6 @@ from jobs.output import (
 from jobs.pipeline import PROGRESS_ACTOR, PipelineConfig, ProgressCounter, score_files
 
 log = logging.getLogger("jobs.score")
-
-
-class UsageError(Exception):
-    """A problem with the command line or its inputs, reported in one line before any work."""
 
 
 class StallError(Exception):
@@ -187,14 +183,6 @@ def plan_job(args: argparse.Namespace) -> ScoreJob:
     )
 
 
-def sha256_of(uri: str) -> str:
-    digest = hashlib.sha256()
-    with fsspec.open(uri, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _waiting_work() -> str:
     """What the cluster cannot place right now (as `ray status` lists pending demands) and what
     it has free: the usual reason a stalled job is stalled."""
@@ -310,10 +298,6 @@ def _drop_duplicates(job: ScoreJob, rows: pyarrow.Table) -> pyarrow.Table:
     return _output_rows(job) if redundant else rows
 
 
-def _stripped(uri: str) -> str:
-    return uri.split("://", 1)[-1]
-
-
 def _score_remaining(job: ScoreJob, paths: list[str]) -> None:
     """Run the pipeline over `paths`, writing Parquet under the output as it goes."""
     arrow_fs = arrow_filesystem(job.output, job.endpoint_url)
@@ -327,7 +311,7 @@ def _score_remaining(job: ScoreJob, paths: list[str]) -> None:
     try:
         with progress:
             ds = score_files(paths, job.checkpoint, job.pipeline, filesystem(job.input, job.endpoint_url)[0])
-            ds.write_parquet(job.output.split("://", 1)[-1] if arrow_fs else job.output, filesystem=arrow_fs,
+            ds.write_parquet(strip_scheme(job.output) if arrow_fs else job.output, filesystem=arrow_fs,
                              min_rows_per_file=job.rows_per_file, ray_remote_args={"num_cpus": WRITE_CPUS})
     except KeyboardInterrupt:
         if progress.stalled:
@@ -345,7 +329,7 @@ def run(job: ScoreJob) -> dict[str, Any]:
         clear_output(fs, job.previous)
     write_record(fs, root, job.record)
     done = set(_drop_duplicates(job, _output_rows(job)).column("path").to_pylist())
-    remaining = [p for p in job.paths if _stripped(p) not in done]
+    remaining = [p for p in job.paths if strip_scheme(p) not in done]
     previous = len(job.paths) - len(remaining)
     if previous:
         log.info("resuming: %d of %d rows already written under %s", previous, len(job.paths), job.output)
@@ -355,7 +339,7 @@ def run(job: ScoreJob) -> dict[str, Any]:
     seconds = time.monotonic() - started
     rows = _drop_duplicates(job, _output_rows(job))
     written = rows.column("path").to_pylist()
-    expected = {_stripped(p) for p in job.paths}
+    expected = {strip_scheme(p) for p in job.paths}
     missing, extra = expected - set(written), set(written) - expected
     if missing or extra or len(written) != len(expected):
         raise RuntimeError(
@@ -385,18 +369,14 @@ def run(job: ScoreJob) -> dict[str, Any]:
         "versions": {"ray": ray.__version__, "torch": torch.__version__},
         "pipeline": asdict(job.pipeline),
     }
-    with fs.open(f"{root}/{MANIFEST}", "w") as f:
+    with fs.open(join(root, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=2)
     return manifest
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.endpoint_url:
-        os.environ["AWS_ENDPOINT_URL"] = args.endpoint_url
-    args.endpoint_url = args.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+    args = start(parser, argv)
     try:
         job = plan_job(args)
     except UsageError as exc:

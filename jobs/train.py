@@ -19,9 +19,9 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from emotion.checkpoint import CheckpointError, load_checkpoint
-from emotion.folders import absolute_uri, filesystem
 from emotion.models import available_architectures
 from emotion.training import CHECKPOINT_FILE, RunOptions, TrainConfig, train_loop_per_worker
+from emotion.uris import absolute_uri, filesystem
 from jobs.conf import apply_defaults
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
-from emotion.metrics import classification_metrics, expected_calibration_error, reliability_bins
+from emotion.evaluation.metrics import classification_metrics, expected_calibration_error, reliability_bins
 
 LABELS = ("a", "b", "c", "d")
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from emotion.checkpoint import save_checkpoint
-from emotion.history import compare, gate_failures
+from emotion.evaluation.gate import compare, gate_failures
 from tests.conftest import tiny_checkpoint
 from tests.images import jpeg
 from tests.services import ROOT

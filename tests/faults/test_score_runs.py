@@ -96,7 +96,7 @@ def test_stalled_job_fails_and_says_what_waits(tmp_path, model_path):
 
 def test_driver_killed_at_a_random_point_resumes_exactly_once(ray_cluster, tmp_path, model_path):
     folder = tmp_path / "in"
-    faces(folder, 3000)
+    faces(folder, 10000)
     out = tmp_path / "out"
     args = ["python", "-m", "jobs.score", "--input", str(folder), "--output", str(out), "--model", str(model_path),
             "--batch-size", "100", "--files-per-block", "200", "--rows-per-file", "200"]
@@ -105,19 +105,19 @@ def test_driver_killed_at_a_random_point_resumes_exactly_once(ray_cluster, tmp_p
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not list(out.glob("*.parquet")):
         time.sleep(0.1)
-    delay = random.Random().uniform(0, 3)
+    delay = random.Random().uniform(0, 2)
     print(f"stopping the driver {delay:.2f} s after its first Parquet file")
     time.sleep(delay)
     subprocess.run([str(BIN / "ray"), "job", "stop", job_id, "--address", ray_cluster.dashboard_url],
                    env=ray_cluster.env(), capture_output=True, timeout=120)
     assert not (out / "_manifest.json").exists(), "the job was stopped before the end"
     partial = len(pd.read_parquet(out, columns=["path"]))
-    assert 0 < partial < 3000, "rows reached storage during the run, not only at its end"
+    assert 0 < partial < 10000, "rows reached storage during the run, not only at its end"
 
     result = ray_cluster.submit(*args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     manifest = json.loads((out / "_manifest.json").read_text())
-    assert manifest["rows"] == {"total": 3000, "ok": 3000, "error": 0}
+    assert manifest["rows"] == {"total": 10000, "ok": 10000, "error": 0}
     assert manifest["resumed_rows"] >= partial > 0
     df = pd.read_parquet(out)
-    assert len(df) == 3000 and df["path"].is_unique
+    assert len(df) == 10000 and df["path"].is_unique

@@ -11,7 +11,7 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
-from emotion.plots import confusion_heatmap, reliability_diagram
+from emotion.evaluation.plots import confusion_heatmap, reliability_diagram
 
 THUMBNAIL = 96
 

@@ -5,6 +5,7 @@ The names below load on first use: importing a light submodule (`emotion.preproc
 """
 
 import importlib
+import importlib.metadata
 from typing import Any
 
 _EXPORTS = {
@@ -17,7 +18,10 @@ _EXPORTS = {
     "Predictor": "emotion.predictor",
 }
 __all__ = sorted(_EXPORTS)
-__version__ = "0.1.0"
+try:
+    __version__ = importlib.metadata.version("emotion-ray")
+except importlib.metadata.PackageNotFoundError:  # a source tree shipped without installing (a job's working_dir)
+    __version__ = "0+unknown"
 
 
 def __getattr__(name: str) -> Any:

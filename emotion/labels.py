@@ -39,9 +39,3 @@ def canonical_label(name: str) -> str | None:
     instead of dropping them silently or failing a whole run.
     """
     return _ALIASES.get(name.strip().lower().replace("-", "_").replace(" ", "_"))
-
-
-def label_index(name: str) -> int | None:
-    """Class id (position in LABELS) for a folder name, or None when the name is unknown."""
-    label = canonical_label(name)
-    return None if label is None else LABELS.index(label)

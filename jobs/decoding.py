@@ -33,14 +33,14 @@ class ImageFiles(Datasource):
         size: int,
         channels: int,
         max_pixels: int,
-        files_per_task: int,
-        rows_per_block: int,
+        files_per_block: int,
+        batch_size: int,
     ) -> None:
         super().__init__()
         self.paths = paths
         self.filesystem = filesystem
         self.size, self.channels, self.max_pixels = size, channels, max_pixels
-        self.files_per_task, self.rows_per_block = files_per_task, rows_per_block
+        self.files_per_block, self.batch_size = files_per_block, batch_size
 
     def _row_bytes(self) -> int:
         return self.size * self.size * self.channels + 256
@@ -50,11 +50,11 @@ class ImageFiles(Datasource):
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context: object = None) -> list[ReadTask]:
-        """One task per `files_per_task` files, whatever parallelism Ray Data suggests: task size
+        """One task per `files_per_block` files, whatever parallelism Ray Data suggests: task size
         bounds the work in flight, so it is the job's choice."""
         tasks = []
-        for start in range(0, len(self.paths), self.files_per_task):
-            chunk = self.paths[start : start + self.files_per_task]
+        for start in range(0, len(self.paths), self.files_per_block):
+            chunk = self.paths[start : start + self.files_per_block]
             metadata = BlockMetadata(
                 num_rows=len(chunk), size_bytes=len(chunk) * self._row_bytes(), input_files=None, exec_stats=None
             )
@@ -64,12 +64,12 @@ class ImageFiles(Datasource):
     def _reader(self, paths: list[str], first_row: int) -> Callable[[], Iterator[Block]]:
         # The task closes over its own paths and settings only: closing over `self` would ship
         # every path of the job with every task.
-        filesystem, rows_per_block = self.filesystem, self.rows_per_block
+        filesystem, batch_size = self.filesystem, self.batch_size
         size, channels, max_pixels = self.size, self.channels, self.max_pixels
 
         def read_images() -> Iterator[Block]:
-            for start in range(0, len(paths), rows_per_block):
-                chunk = paths[start : start + rows_per_block]
+            for start in range(0, len(paths), batch_size):
+                chunk = paths[start : start + batch_size]
                 contents = filesystem.cat(chunk, on_error="return")
                 batch = decode_files(chunk, [contents[p] for p in chunk], size, channels, max_pixels)
                 batch["row"] = np.arange(first_row + start, first_row + start + len(chunk), dtype=np.int64)

@@ -36,7 +36,7 @@ from emotion.folders import read_many
 from emotion.uris import absolute_uri, filesystem
 from jobs.common import UsageError, sha256_of, start
 from jobs.conf import CONF_DIR, apply_defaults
-from jobs.pipeline import PipelineConfig, score_files
+from jobs.pipeline import PipelineConfig, pipeline_config, score_files
 
 log = logging.getLogger("jobs.evaluate")
 SCHEMA_VERSION = 1
@@ -98,6 +98,9 @@ def build_parser(conf: str = "evaluate") -> argparse.ArgumentParser:
     parser.add_argument("--cpus-per-actor", type=float)
     parser.add_argument("--threads-per-actor", type=int, help="torch threads per actor (CPU inference)")
     parser.add_argument("--preprocess-cpus", type=float, help="CPUs per decoding task")
+    parser.add_argument("--preprocess-tasks", type=int, help="cap on concurrent decoding tasks")
+    parser.add_argument("--files-per-block", type=int, help="files per read-and-decode task")
+    parser.add_argument("--max-pixels", type=int, help="larger images are error rows, refused before decoding")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"))
     parser.add_argument("--device", help="torch device for inference (default: cuda when given GPUs)")
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
@@ -140,7 +143,8 @@ def read_input(spec: str, labels: tuple[str, ...]) -> LabelledSet:
 
 
 def _check_counts(args: argparse.Namespace) -> None:
-    for flag in ("batch_size", "actors", "gallery", "bins", "threads_per_actor"):
+    for flag in ("batch_size", "actors", "gallery", "bins", "threads_per_actor", "preprocess_tasks", "files_per_block",
+                 "max_pixels"):
         value = getattr(args, flag)
         if value is not None and value <= 0 and not (flag == "gallery" and value == 0):
             raise UsageError(f"--{flag.replace('_', '-')} must be positive, not {value}")
@@ -188,17 +192,7 @@ def plan_job(args: argparse.Namespace, run_id: str) -> EvaluateJob:
         output=output,
         checkpoint=checkpoint,
         model_uri=model_uri,
-        pipeline=PipelineConfig(
-            batch_size=args.batch_size,
-            min_actors=args.actors,
-            max_actors=args.actors,
-            gpus_per_actor=args.gpus_per_actor,
-            cpus_per_actor=args.cpus_per_actor,
-            threads_per_actor=args.threads_per_actor,
-            preprocess_cpus=args.preprocess_cpus,
-            device=args.device,
-            precision=args.precision,
-        ),
+        pipeline=pipeline_config(args),
         history=history,
         previous=previous[0] if previous else None,
         baseline_uri=baseline_uri,

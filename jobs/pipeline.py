@@ -7,6 +7,7 @@ task. Read tasks reserve a different CPU share from the actors on purpose: Ray D
 operators with identical resources, which would put decoding back inside the inference actors.
 """
 
+import argparse
 import resource
 import time
 from dataclasses import dataclass
@@ -22,7 +23,6 @@ from ray.data import ActorPoolStrategy
 
 from emotion.checkpoint import Checkpoint
 from emotion.predictor import Predictor
-from emotion.preprocess import DEFAULT_MAX_PIXELS
 from emotion.uris import strip_scheme
 from jobs.decoding import ImageFiles
 
@@ -31,21 +31,46 @@ PROGRESS_ACTOR = "emotion-ray-progress"
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """How the pipeline is laid out on the cluster; the model itself comes from the checkpoint."""
+    """How the pipeline is laid out on the cluster; the model itself comes from the checkpoint.
 
-    batch_size: int = 256
-    files_per_block: int = 1024
+    Fields are named as the flags that set them and have no defaults: those live in conf/*.yaml.
+    """
+
+    batch_size: int
+    files_per_block: int
     # None: sized to the cluster at start (jobs.layout).
-    min_actors: int | None = 1
-    max_actors: int | None = 1
-    gpus_per_actor: float = 0.0
-    cpus_per_actor: float | None = 1.0
-    threads_per_actor: int | None = None
-    preprocess_cpus: float = 0.5
-    preprocess_concurrency: int | None = None
-    device: str | None = None
-    precision: str = "auto"
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    min_actors: int | None
+    max_actors: int | None
+    gpus_per_actor: float
+    cpus_per_actor: float | None
+    threads_per_actor: int | None
+    preprocess_cpus: float
+    preprocess_tasks: int | None
+    device: str | None
+    precision: str
+    max_pixels: int
+
+
+def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
+    """The layout a job's flags ask for: `--actors N` is a fixed pool, `--min-actors/--max-actors`
+    an autoscaling one (jobs that offer them), neither a pool fitted to the cluster."""
+    min_actors, max_actors = getattr(args, "min_actors", None), getattr(args, "max_actors", None)
+    if min_actors is None:
+        min_actors = max_actors = args.actors
+    return PipelineConfig(
+        batch_size=args.batch_size,
+        files_per_block=args.files_per_block,
+        min_actors=min_actors,
+        max_actors=max_actors,
+        gpus_per_actor=args.gpus_per_actor,
+        cpus_per_actor=args.cpus_per_actor,
+        threads_per_actor=args.threads_per_actor,
+        preprocess_cpus=args.preprocess_cpus,
+        preprocess_tasks=args.preprocess_tasks,
+        device=args.device,
+        precision=args.precision,
+        max_pixels=args.max_pixels,
+    )
 
 
 def output_schema(labels: tuple[str, ...] | list[str], timing: bool = False) -> pa.Schema:
@@ -181,13 +206,13 @@ def score_files(
         size=checkpoint.input_size,
         channels=checkpoint.channels,
         max_pixels=config.max_pixels,
-        files_per_task=config.files_per_block,
-        rows_per_block=config.batch_size,
+        files_per_block=config.files_per_block,
+        batch_size=config.batch_size,
     )
     ds = ray.data.read_datasource(
         files,
         num_cpus=config.preprocess_cpus,
-        compute=ray.data.TaskPoolStrategy(size=config.preprocess_concurrency),
+        compute=ray.data.TaskPoolStrategy(size=config.preprocess_tasks),
     )
     return ds.map_batches(
         ScoreBatch,

@@ -42,7 +42,7 @@ from jobs.output import (
     run_record,
     write_record,
 )
-from jobs.pipeline import PROGRESS_ACTOR, PipelineConfig, ProgressCounter, score_files
+from jobs.pipeline import PROGRESS_ACTOR, PipelineConfig, ProgressCounter, pipeline_config, score_files
 
 log = logging.getLogger("jobs.score")
 
@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads-per-actor", type=int, help="torch threads per actor (CPU inference)")
     parser.add_argument("--preprocess-cpus", type=float, help="CPUs per decoding task")
     parser.add_argument("--preprocess-tasks", type=int, help="cap on concurrent decoding tasks")
+    parser.add_argument("--max-pixels", type=int, help="larger images are error rows, refused before decoding")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"))
     parser.add_argument("--device", help="torch device for inference (default: cuda when given GPUs)")
     parser.add_argument("--limit", type=int, help="score only the first N files (dry runs)")
@@ -109,7 +110,7 @@ def _positive(value: float | None, flag: str, allow_zero: bool = False) -> None:
 def plan_job(args: argparse.Namespace) -> ScoreJob:
     """Check every input before any cluster work: a bad flag costs seconds, not a job."""
     for flag in ("batch_size", "files_per_block", "rows_per_file", "actors", "min_actors", "max_actors", "limit",
-                 "preprocess_tasks", "threads_per_actor"):
+                 "preprocess_tasks", "threads_per_actor", "max_pixels"):
         _positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     _positive(args.gpus_per_actor, "--gpus-per-actor", allow_zero=True)
     _positive(args.cpus_per_actor, "--cpus-per-actor", allow_zero=True)
@@ -120,10 +121,8 @@ def plan_job(args: argparse.Namespace) -> ScoreJob:
         raise UsageError("--actors and --min-actors/--max-actors are alternatives; pass one")
     if (args.min_actors is None) != (args.max_actors is None):
         raise UsageError("--min-actors and --max-actors go together")
-    min_actors = args.min_actors if args.min_actors is not None else args.actors
-    max_actors = args.max_actors if args.max_actors is not None else args.actors
-    if min_actors is not None and max_actors is not None and min_actors > max_actors:
-        raise UsageError(f"--min-actors {min_actors} is larger than --max-actors {max_actors}")
+    if args.min_actors is not None and args.min_actors > args.max_actors:
+        raise UsageError(f"--min-actors {args.min_actors} is larger than --max-actors {args.max_actors}")
     try:
         listing = list_images(absolute_uri(args.input))
     except FileNotFoundError:
@@ -151,7 +150,6 @@ def plan_job(args: argparse.Namespace) -> ScoreJob:
         check_output(previous, args.output, record, args.overwrite)
     except OutputError as exc:
         raise UsageError(str(exc)) from None
-    actors_given = args.actors is not None or args.min_actors is not None
     return ScoreJob(
         input=input_uri,
         output=output,
@@ -159,19 +157,7 @@ def plan_job(args: argparse.Namespace) -> ScoreJob:
         checkpoint=checkpoint,
         model_uri=model_uri,
         model_sha256=model_sha256,
-        pipeline=PipelineConfig(
-            batch_size=args.batch_size,
-            files_per_block=args.files_per_block,
-            min_actors=min_actors if actors_given else None,
-            max_actors=max_actors if actors_given else None,
-            gpus_per_actor=args.gpus_per_actor,
-            cpus_per_actor=args.cpus_per_actor,
-            threads_per_actor=args.threads_per_actor,
-            preprocess_cpus=args.preprocess_cpus,
-            preprocess_concurrency=args.preprocess_tasks,
-            device=args.device,
-            precision=args.precision,
-        ),
+        pipeline=pipeline_config(args),
         overwrite=args.overwrite,
         progress_interval=args.progress_interval,
         stall_timeout=args.stall_timeout,

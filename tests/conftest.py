@@ -61,3 +61,14 @@ def s3():
 
     with s3_server() as server:
         yield server
+
+
+def pipeline(**overrides: object):
+    """The scoring job's pipeline settings as conf/score.yaml gives them, with `overrides`."""
+    import dataclasses
+
+    from jobs.pipeline import pipeline_config
+    from jobs.score import build_parser
+
+    defaults = pipeline_config(build_parser().parse_args(["--input", "in", "--output", "out"]))
+    return dataclasses.replace(defaults, **overrides)

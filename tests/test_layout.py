@@ -6,8 +6,9 @@ import pytest
 
 from jobs.layout import WRITE_CPUS, LayoutError, Node, alive_nodes, fit_layout
 from jobs.pipeline import PipelineConfig
+from tests.conftest import pipeline
 
-UNSET = PipelineConfig(min_actors=None, max_actors=None, cpus_per_actor=None, preprocess_cpus=0.5)
+UNSET = pipeline(min_actors=None, max_actors=None, cpus_per_actor=None, preprocess_cpus=0.5)
 
 
 def placeable(config: PipelineConfig, nodes: list[Node]) -> bool:
@@ -36,20 +37,20 @@ def test_nodes_too_small_for_an_actor_beside_a_read_and_a_write_are_refused():
 
 
 def test_gpu_pool_is_one_actor_per_gpu():
-    config = PipelineConfig(min_actors=None, max_actors=None, cpus_per_actor=None, gpus_per_actor=0.5)
+    config = pipeline(min_actors=None, max_actors=None, cpus_per_actor=None, gpus_per_actor=0.5)
     fitted = fit_layout(config, [Node(8, 1), Node(8, 1)])
     assert (fitted.min_actors, fitted.max_actors) == (4, 4)
 
 
 def test_a_pool_given_by_hand_that_cannot_fit_is_refused_with_the_arithmetic():
-    config = PipelineConfig(min_actors=3, max_actors=3, cpus_per_actor=0.7, preprocess_cpus=0.5)
+    config = pipeline(min_actors=3, max_actors=3, cpus_per_actor=0.7, preprocess_cpus=0.5)
     with pytest.raises(LayoutError) as error:
         fit_layout(config, [Node(2, 0)])
     assert str(error.value) == (
         "3 actor(s) of 0.7 CPU do not fit beside a read task (0.5 CPU) and a write (0.1 CPU) on nodes of 2 CPUs "
         "(room for 2); lower --actors or --cpus-per-actor, or leave them unset to fit the cluster"
     )
-    fitted = fit_layout(PipelineConfig(min_actors=1, max_actors=4, cpus_per_actor=0.7), [Node(2, 0)])
+    fitted = fit_layout(pipeline(min_actors=1, max_actors=4, cpus_per_actor=0.7), [Node(2, 0)])
     assert fitted.max_actors == 4, "an autoscaling pool needs only its smallest size to fit"
 
 

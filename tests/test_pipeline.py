@@ -15,8 +15,8 @@ from ray.data.block import BlockAccessor
 from emotion.labels import LABELS
 from emotion.preprocess import decode_image
 from jobs.decoding import ImageFiles, decode_files
-from jobs.pipeline import PipelineConfig, ProgressCounter, ScoreBatch, output_schema, score_files
-from tests.conftest import tiny_checkpoint
+from jobs.pipeline import ProgressCounter, ScoreBatch, output_schema, score_files
+from tests.conftest import pipeline, tiny_checkpoint
 from tests.images import jpeg
 from tests.services import ROOT
 
@@ -30,7 +30,7 @@ def local_ray():
 
 def test_gpu_plan_reserves_gpus_per_actor_without_a_gpu(local_ray, tmp_path):
     (tmp_path / "a.jpg").write_bytes(jpeg())
-    config = PipelineConfig(gpus_per_actor=0.5, min_actors=2, max_actors=8, batch_size=64)
+    config = pipeline(gpus_per_actor=0.5, min_actors=2, max_actors=8, cpus_per_actor=1.0, batch_size=64)
     ds = score_files([str(tmp_path / "a.jpg")], tiny_checkpoint(), config, fsspec.filesystem("file"))
     actor_op = ds._logical_plan.dag
     decode_op = actor_op.input_dependencies[0]
@@ -44,7 +44,8 @@ def test_gpu_plan_reserves_gpus_per_actor_without_a_gpu(local_ray, tmp_path):
 
 def test_cpu_plan_uses_the_default_device(local_ray, tmp_path):
     (tmp_path / "a.jpg").write_bytes(jpeg())
-    ds = score_files([str(tmp_path / "a.jpg")], tiny_checkpoint(), PipelineConfig(), fsspec.filesystem("file"))
+    config = pipeline(min_actors=1, max_actors=1, cpus_per_actor=1.0)
+    ds = score_files([str(tmp_path / "a.jpg")], tiny_checkpoint(), config, fsspec.filesystem("file"))
     assert ds._logical_plan.dag.fn_constructor_kwargs["device"] is None
     assert ds._logical_plan.dag.ray_remote_args.get("num_gpus", 0) == 0
 
@@ -69,13 +70,13 @@ def test_decode_then_score_a_batch_by_hand():
 
 
 def test_read_tasks_hold_a_bounded_number_of_files(tmp_path):
-    """Tasks are the unit of resumption, so their size is fixed by files_per_task, not by Ray."""
+    """Tasks bound the rows in flight, so their size is fixed by files_per_block, not by Ray."""
     paths = []
     for i in range(7):
         (tmp_path / f"{i}.jpg").write_bytes(jpeg(seed=i))
         paths.append(str(tmp_path / f"{i}.jpg"))
     paths.append(str(tmp_path / "deleted after listing.jpg"))
-    files = ImageFiles(paths, fsspec.filesystem("file"), 48, 1, 10_000, files_per_task=3, rows_per_block=2)
+    files = ImageFiles(paths, fsspec.filesystem("file"), 48, 1, 10_000, files_per_block=3, batch_size=2)
     tasks = files.get_read_tasks(parallelism=100)
     assert [t.metadata.num_rows for t in tasks] == [3, 3, 2]
     blocks = [BlockAccessor.for_block(b) for b in tasks[0]()]
@@ -85,7 +86,7 @@ def test_read_tasks_hold_a_bounded_number_of_files(tmp_path):
     assert blocks[0].to_arrow().schema.field("error").type == pa.string(), "typed even with no error in the block"
     assert [BlockAccessor.for_block(b).to_numpy("row").tolist() for b in tasks[2]()] == [[6, 7]]
     many = ImageFiles([f"/faces/{i:06d}.jpg" for i in range(100_000)], fsspec.filesystem("file"), 48, 1,
-                      10_000, files_per_task=3, rows_per_block=2)
+                      10_000, files_per_block=3, batch_size=2)
     assert len(cloudpickle.dumps(many.get_read_tasks(1)[0])) < 5_000, "a task must not carry every path"
     last = BlockAccessor.for_block(next(iter(tasks[2]()))).to_pandas()
     assert last["status"].tolist() == ["ok", "error"]

@@ -1,11 +1,10 @@
 """Test-time flip averaging, spent only where it can change the answer.
 
-Faces mean the same mirrored, so averaging the logits of an image and its mirror is worth about
-0.7 points of validation accuracy (66.1% to 66.8% for the default model). A second forward
-pass for every image doubles the cost, but it can only change the predicted class where the first
-pass is unsure: on FER2013 PublicTest, mirroring only the images whose top two probabilities lie
-within 0.2 of each other (27% of them) gives nearly the accuracy of mirroring all of them (66.84%
-against 67.07%) at 1.7x the throughput.
+Faces mean the same mirrored, so averaging the logits of an image and its mirror adds validation
+accuracy. A second forward pass for every image doubles the cost, but it can only change the
+predicted class where the first pass is unsure: mirroring only the images whose top two
+probabilities lie within a margin of each other gives nearly the accuracy of mirroring all of them
+for a fraction of the cost (figures in docs/model-card.md and docs/benchmarks.md).
 """
 
 from collections.abc import Callable

@@ -1,6 +1,7 @@
 """`Predictor`: one loaded model, the only thing a batch actor or a Serve replica holds."""
 
 import contextlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,27 @@ from emotion.flip import FLIP_MARGIN, flip_averaged_logits
 from emotion.precision import resolve_precision
 from emotion.preprocess import DEFAULT_MAX_PIXELS, Decoded, decode_image, normalize
 
-# Forward passes on CPU go through the network in slices of this many images: the activations of
-# a slice stay in the cache between layers, which is worth about a fifth of the throughput on a
-# 48x48 CNN compared with one pass over a few hundred.
+# Forward passes on CPU go through the network in slices of this many images, so the activations
+# of a slice stay in the cache between layers (measured in docs/benchmarks.md).
 CPU_MICRO_BATCH = 16
+
+
+def prediction_columns(probs: np.ndarray, labels: Sequence[str]) -> dict[str, np.ndarray]:
+    """The prediction record of N rows of probabilities, as columns: `predicted_class`,
+    `predicted_label`, `confidence` and `prob_<label>` for each label. A row of NaN (an image that
+    could not be decoded) gets class -1, no label and NaN. The batch job, evaluation and the
+    endpoint all build their answers here, so they cannot disagree on a field.
+    """
+    ok = ~np.isnan(probs).any(axis=1)
+    top = np.where(ok, np.nan_to_num(probs, nan=-1).argmax(axis=1), -1)
+    columns: dict[str, np.ndarray] = {
+        "predicted_class": top.astype(np.int16),
+        "predicted_label": np.asarray([labels[t] if t >= 0 else None for t in top], dtype=object),
+        "confidence": np.where(ok, np.nan_to_num(probs, nan=-1).max(axis=1, initial=-1), np.nan).astype(np.float32),
+    }
+    for i, label in enumerate(labels):
+        columns[f"prob_{label}"] = probs[:, i].astype(np.float32)
+    return columns
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -32,8 +50,8 @@ class Predictor:
 
     Preprocessing is taken from the checkpoint, never from the caller, so every entry point feeds
     the network exactly what it was trained on. `precision="auto"` runs bfloat16 where the device
-    has native instructions for it (AVX512-BF16 or AMX CPUs, recent GPUs): about 2x the throughput
-    for probabilities that differ from float32 by about 1e-2.
+    has native instructions for it (AVX512-BF16 or AMX CPUs, recent GPUs), at a small cost in the
+    probabilities' precision (measured in docs/benchmarks.md and the model card).
 
     The loaded network is prepared for inference only: batch norms are folded into the
     convolutions before them and, in bfloat16, the weights are cast once rather than on every
@@ -77,7 +95,7 @@ class Predictor:
 
         With `test_time_flip` set in the checkpoint, an image whose top two probabilities are
         within `flip_margin` also goes through the network mirrored and the logits are averaged
-        (see `emotion.flip`): the accuracy of mirroring every image at about two thirds the cost.
+        (see `emotion.flip`): the accuracy of mirroring every image for less of the cost.
         """
         if len(pixels) == 0:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
@@ -100,15 +118,15 @@ class Predictor:
             {"status": "error", "error": d.error, "width": d.width, "height": d.height}
             for d in decoded
         ]
-        for row, i in zip(probs, good, strict=True):
-            top = int(row.argmax())
+        columns = prediction_columns(probs, self.labels)
+        for row, i in enumerate(good):
             results[i] = {
                 "status": "ok",
                 "error": None,
-                "predicted_label": self.labels[top],
-                "predicted_class": top,
-                "confidence": float(row[top]),
-                "probabilities": dict(zip(self.labels, row.tolist(), strict=True)),
+                "predicted_label": columns["predicted_label"][row],
+                "predicted_class": int(columns["predicted_class"][row]),
+                "confidence": float(columns["confidence"][row]),
+                "probabilities": {label: float(columns[f"prob_{label}"][row]) for label in self.labels},
                 "width": decoded[i].width,
                 "height": decoded[i].height,
             }

@@ -19,9 +19,9 @@ class ImageFiles(Datasource):
     """Image files read and decoded inside the same read tasks, one row per file.
 
     Reading files into an Arrow column of bytes (`read_binary_files`) and decoding them in the
-    next operator cost the scoring job half a core of its two: those tasks spent a sixth of their
-    time decoding and the rest reading through Arrow streams and pickling blocks of bytes. Here a
-    task fetches its files (concurrently from an object store) and ships only model-sized pixels.
+    next operator spent most of those tasks' time reading through Arrow streams and pickling blocks
+    of bytes, not decoding (docs/benchmarks.md). Here a task fetches its files (concurrently from an
+    object store) and ships only model-sized pixels.
     A file that cannot be read becomes an error row like one that cannot be decoded. Each row
     carries its index in the job's file list, so progress counts a retried row once.
     """

@@ -22,7 +22,7 @@ from fsspec import AbstractFileSystem
 from ray.data import ActorPoolStrategy
 
 from emotion.checkpoint import Checkpoint
-from emotion.predictor import Predictor
+from emotion.predictor import Predictor, prediction_columns
 from emotion.uris import strip_scheme
 from jobs.decoding import ImageFiles
 
@@ -151,17 +151,12 @@ class ScoreBatch:
         if ok.any():
             probs[ok] = self.predictor.predict_pixels(batch["pixels"][ok])
         forward_seconds = time.perf_counter() - started
-        top = np.where(ok, np.nan_to_num(probs, nan=-1).argmax(axis=1), -1)
         out: dict[str, Any] = {
             "path": batch["path"],
             "status": batch["status"],
             "error": batch["error"],
-            "predicted_label": np.asarray([labels[t] if t >= 0 else None for t in top], dtype=object),
-            "predicted_class": top.astype(np.int16),
-            "confidence": np.where(ok, probs.max(axis=1, initial=-1), np.nan).astype(np.float32),
+            **prediction_columns(probs, labels),
         }
-        for i, label in enumerate(labels):
-            out[f"prob_{label}"] = probs[:, i]
         out["width"], out["height"] = batch["width"], batch["height"]
         out["model"] = np.full(n, self.model_name, dtype=object)
         if self.timing:

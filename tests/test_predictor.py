@@ -1,10 +1,11 @@
 import dataclasses
 
 import numpy as np
+import pytest
 import torch
 
 from emotion.checkpoint import save_checkpoint
-from emotion.predictor import CPU_MICRO_BATCH, Predictor, pick_device
+from emotion.predictor import CPU_MICRO_BATCH, Predictor, pick_device, prediction_columns
 from emotion.preprocess import normalize
 from tests.conftest import tiny_checkpoint
 from tests.images import jpeg
@@ -99,3 +100,13 @@ def test_empty_batch(tiny_checkpoint_path):
     predictor = Predictor(tiny_checkpoint_path, device="cpu")
     assert predictor.predict_pixels(np.zeros((0, 48, 48, 1), np.uint8)).shape == (0, 7)
     assert predictor.predict_bytes([]) == []
+
+
+def test_prediction_columns_are_the_one_record_of_a_row():
+    probs = np.array([[0.1, 0.6, 0.3], [np.nan, np.nan, np.nan], [0.5, 0.2, 0.3]], dtype=np.float32)
+    columns = prediction_columns(probs, ("a", "b", "c"))
+    assert columns["predicted_class"].tolist() == [1, -1, 0]
+    assert columns["predicted_label"].tolist() == ["b", None, "a"]
+    assert columns["confidence"][[0, 2]].tolist() == pytest.approx([0.6, 0.5]) and np.isnan(columns["confidence"][1])
+    assert columns["prob_c"][[0, 2]].tolist() == pytest.approx([0.3, 0.3])
+    assert all(len(v) == 0 for v in prediction_columns(np.zeros((0, 3), np.float32), ("a", "b", "c")).values())

@@ -130,6 +130,7 @@ def test_s3_output_overlapping_the_input_is_refused(s3, models):
         result = score("--input", "s3://overlap/in/", "--output", output, "--model", str(models["a"]), "--overwrite",
                        env=env)
         assert result.returncode == 2, result.stderr
-        assert result.stderr.startswith(f"error: --output {output} {relation}"), result.stderr
+        assert result.stderr.startswith(f"error: --output {output.rstrip('/')} {relation}"), result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket="overlap")["Contents"])
     assert keys == ["elsewhere/notes.txt", "in/face0.jpg", "in/face1.jpg", "in/face2.jpg"]

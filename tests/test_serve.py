@@ -1,8 +1,11 @@
-"""The Serve application over real HTTP, deployed with `serve deploy` to a local Ray head."""
+"""The Serve application: its batcher and health rule in-process, then the whole application over
+real HTTP, deployed with `serve deploy` to a local Ray head (marked slow)."""
 
 import asyncio
 import copy
 import subprocess
+import threading
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -12,12 +15,119 @@ import yaml
 from emotion.checkpoint import save_checkpoint
 from emotion.predictor import Predictor
 from emotion.preprocess import decode_image
+from serve.app import FAILED_BATCHES_BEFORE_UNHEALTHY, Emotion
+from serve.batching import Batcher
 from tests.conftest import tiny_checkpoint
 from tests.images import decompression_bomb, jpeg
 from tests.services import BIN, ROOT, free_port
 
-pytestmark = pytest.mark.slow
 TOKEN = "s3cret-token"
+PIXELS = np.zeros((48, 48, 1), dtype=np.uint8)
+
+
+class FakeModel:
+    """Answers each image with its batch's size, records every batch, and can hold a pass open."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.batches: list[int] = []
+        self.fail = fail
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.release.set()
+
+    def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        self.batches.append(len(pixels))
+        self.started.set()
+        self.release.wait(10)
+        if self.fail:
+            raise RuntimeError("forward failed")
+        return np.full((len(pixels), 7), float(len(pixels)), dtype=np.float32)
+
+
+def run_counting_timers(coro):
+    """Run `coro` on a fresh loop; return its result and how many timers the loop armed meanwhile
+    (a batching window is a timer: `asyncio.sleep` and `wait_for` arm one through `call_at`)."""
+    loop = asyncio.new_event_loop()
+    armed = []
+    call_at = loop.call_at
+
+    def counting_call_at(when, callback, *args, context=None):
+        armed.append(callback)
+        return call_at(when, callback, *args, context=context)
+
+    loop.call_at = counting_call_at
+    try:
+        return loop.run_until_complete(coro), len(armed)
+    finally:
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
+
+
+def test_a_lone_request_runs_at_once_in_a_batch_of_its_own():
+    batcher, model = Batcher(max_batch_size=32), FakeModel()
+
+    async def one_client() -> list[float]:
+        return [float((await batcher.predict(model, PIXELS))[0]) for _ in range(5)]
+
+    answers, timers = run_counting_timers(one_client())
+    assert model.batches == [1, 1, 1, 1, 1] and answers == [1.0] * 5
+    assert timers == 0, "a lone request waited for company"
+    assert list(batcher.batch_sizes) == [1, 1, 1, 1, 1]
+
+
+def test_requests_arriving_during_a_pass_share_the_next_one_up_to_the_batch_size():
+    batcher, model = Batcher(max_batch_size=4), FakeModel()
+    model.release.clear()
+
+    async def burst() -> list[float]:
+        first = asyncio.ensure_future(batcher.predict(model, PIXELS))
+        await asyncio.to_thread(model.started.wait, 10)
+        rest = [asyncio.ensure_future(batcher.predict(model, PIXELS)) for _ in range(6)]
+        await asyncio.sleep(0)
+        model.release.set()
+        return [float(row[0]) for row in await asyncio.gather(first, *rest)]
+
+    answers, _ = run_counting_timers(burst())
+    assert model.batches == [1, 4, 2]
+    assert answers == [1.0, 4.0, 4.0, 4.0, 4.0, 2.0, 2.0]
+
+
+def test_each_model_gets_its_own_batches():
+    batcher, alpha, beta = Batcher(max_batch_size=32), FakeModel(), FakeModel()
+    alpha.release.clear()
+
+    async def mixed() -> None:
+        first = asyncio.ensure_future(batcher.predict(alpha, PIXELS))
+        await asyncio.to_thread(alpha.started.wait, 10)
+        rest = [asyncio.ensure_future(batcher.predict(model, PIXELS)) for model in [alpha, beta] * 3]
+        await asyncio.to_thread(beta.started.wait, 10)
+        alpha.release.set()
+        await asyncio.gather(first, *rest)
+
+    run_counting_timers(mixed())
+    assert alpha.batches == [1, 3]
+    assert beta.batches == [3]
+
+
+def test_health_check_fails_after_consecutive_failed_forward_passes():
+    batcher, broken, working = Batcher(max_batch_size=8), FakeModel(fail=True), FakeModel()
+    replica = SimpleNamespace(batcher=batcher)
+
+    async def passes(model: FakeModel, count: int) -> None:
+        for _ in range(count):
+            try:
+                await batcher.predict(model, PIXELS)
+            except RuntimeError as error:
+                assert str(error) == "forward failed"
+
+    run_counting_timers(passes(broken, FAILED_BATCHES_BEFORE_UNHEALTHY - 1))
+    Emotion.func_or_class.check_health(replica)
+    run_counting_timers(passes(working, 1))
+    run_counting_timers(passes(broken, FAILED_BATCHES_BEFORE_UNHEALTHY - 1))
+    Emotion.func_or_class.check_health(replica)
+    run_counting_timers(passes(broken, 1))
+    with pytest.raises(RuntimeError, match=f"the last {FAILED_BATCHES_BEFORE_UNHEALTHY} forward passes all raised"):
+        Emotion.func_or_class.check_health(replica)
 
 
 def deploy(cluster, config: dict, path) -> None:
@@ -56,13 +166,13 @@ def service(ray_cluster, tmp_path_factory):
     (deployment,) = app["deployments"]
     deployment.update(autoscaling_config={"min_replicas": 1, "max_replicas": 1},
                       ray_actor_options={"num_cpus": 0.25},
-                      user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.05})
+                      user_config={"max_batch_size": 16})
     # A second application with a tiny queue, to observe backpressure.
     tight = copy.deepcopy(app)
     tight.update(name="tight", route_prefix="/tight")
     tight["args"].update(auth_token=None, models_per_replica=1)
     tight["deployments"][0].update(max_ongoing_requests=1, max_queued_requests=1,
-                                   user_config={"max_batch_size": 1, "batch_wait_timeout_s": 0.0})
+                                   user_config={"max_batch_size": 1})
     config["applications"].append(tight)
     deploy(ray_cluster, config, folder / "serve.yaml")
     url = f"http://127.0.0.1:{port}"
@@ -75,6 +185,7 @@ def service(ray_cluster, tmp_path_factory):
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
+@pytest.mark.slow
 def test_root_health_and_docs(service):
     root = httpx.get(service["url"] + "/").json()
     assert root["service"] == "emotion-ray" and root["version"]
@@ -86,6 +197,7 @@ def test_root_health_and_docs(service):
     assert httpx.get(service["url"] + "/docs").status_code == 200
 
 
+@pytest.mark.slow
 def test_predict_multipart_and_raw_body_agree_with_the_batch_predictor(service):
     image = jpeg(seed=7)
     multipart = httpx.post(service["url"] + "/predict", files={"file": ("face.jpg", image, "image/jpeg")},
@@ -106,15 +218,25 @@ def test_predict_multipart_and_raw_body_agree_with_the_batch_predictor(service):
     assert body["confidence"] == pytest.approx(float(expected.max()))
 
 
-def test_model_choice_by_query_or_header_and_unknown_model(service):
+@pytest.mark.slow
+def test_model_choice_by_query_header_or_multiplexing_header_and_unknown_model(service):
     image = jpeg(seed=3)
     files = {"file": ("f.jpg", image, "image/jpeg")}
     alpha = httpx.post(service["url"] + "/predict", files=files, headers=AUTH).json()
     beta_q = httpx.post(service["url"] + "/predict?model=beta", files=files, headers=AUTH).json()
     beta_h = httpx.post(service["url"] + "/predict", files=files,
                         headers=AUTH | {"X-Emotion-Model": "beta"}).json()
-    assert beta_q["model"] == beta_h["model"] == "beta"
-    assert beta_q["probabilities"] == beta_h["probabilities"] != alpha["probabilities"]
+    beta_m = httpx.post(service["url"] + "/predict", files=files,
+                        headers=AUTH | {"serve_multiplexed_model_id": "beta"}).json()
+    agreeing = httpx.post(service["url"] + "/predict?model=beta", files=files,
+                          headers=AUTH | {"serve_multiplexed_model_id": "beta", "X-Emotion-Model": "beta"}).json()
+    assert beta_q["model"] == beta_h["model"] == beta_m["model"] == agreeing["model"] == "beta"
+    assert beta_q["probabilities"] == beta_h["probabilities"] == beta_m["probabilities"] != alpha["probabilities"]
+    conflict = httpx.post(service["url"] + "/predict?model=alpha", files=files,
+                          headers=AUTH | {"serve_multiplexed_model_id": "beta"})
+    assert conflict.status_code == 400
+    assert conflict.json()["detail"] == (
+        "conflicting model choices: header serve_multiplexed_model_id 'beta', ?model 'alpha'")
     expected = Predictor(service["beta"], device="cpu", precision="fp32").predict_pixels(
         decode_image(image, 48, 1).pixels[None])[0]
     assert np.allclose(list(beta_q["probabilities"].values()), expected, atol=1e-6)
@@ -126,6 +248,7 @@ def test_model_choice_by_query_or_header_and_unknown_model(service):
     assert listed["models"][0]["labels"][3] == "happy"
 
 
+@pytest.mark.slow
 def test_batch_endpoint_reports_failures_per_item(service):
     files = [("files", ("a.jpg", jpeg(seed=1), "image/jpeg")), ("files", ("b.txt", b"hello", "text/plain")),
              ("files", ("c.jpg", jpeg(seed=2), "image/jpeg"))]
@@ -137,6 +260,7 @@ def test_batch_endpoint_reports_failures_per_item(service):
     assert results[1]["error"] == "not an image"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("kwargs", "status", "detail"),
     [
@@ -148,6 +272,7 @@ def test_batch_endpoint_reports_failures_per_item(service):
         ({"content": b"\xff" * 1_100_000, "headers": {"Content-Type": "image/jpeg"}}, 413, "upload larger than"),
     ],
 )
+@pytest.mark.slow
 def test_bad_input_gets_a_4xx_with_a_reason_and_the_service_keeps_serving(service, kwargs, status, detail):
     headers = AUTH | kwargs.pop("headers", {})
     response = httpx.post(service["url"] + "/predict", headers=headers, **kwargs)
@@ -157,6 +282,7 @@ def test_bad_input_gets_a_4xx_with_a_reason_and_the_service_keeps_serving(servic
     assert ok.status_code == 200
 
 
+@pytest.mark.slow
 def test_chunked_upload_over_the_limit_is_cut_off(service):
     def chunks():
         for _ in range(100):
@@ -167,6 +293,7 @@ def test_chunked_upload_over_the_limit_is_cut_off(service):
     assert response.status_code == 413
 
 
+@pytest.mark.slow
 def test_auth_is_required_when_configured(service):
     files = {"file": ("f.jpg", jpeg(), "image/jpeg")}
     assert httpx.post(service["url"] + "/predict", files=files).status_code == 401
@@ -175,6 +302,7 @@ def test_auth_is_required_when_configured(service):
     assert httpx.get(service["url"] + "/models").status_code == 401
 
 
+@pytest.mark.slow
 def test_cors_origin_from_config(service):
     preflight = httpx.options(service["url"] + "/predict", headers={
         "Origin": "https://app.example", "Access-Control-Request-Method": "POST"})
@@ -184,6 +312,7 @@ def test_cors_origin_from_config(service):
     assert "access-control-allow-origin" not in other.headers
 
 
+@pytest.mark.slow
 def test_concurrent_requests_share_forward_passes(service):
     async def burst() -> list[int]:
         async with httpx.AsyncClient(timeout=60) as client:
@@ -197,6 +326,7 @@ def test_concurrent_requests_share_forward_passes(service):
     assert max(stats["recent_batch_sizes"]) > 1
 
 
+@pytest.mark.slow
 def test_overload_is_503_with_retry_after_and_the_service_recovers(service):
     url = service["url"] + "/tight/predict"
     wait_ready(service["url"] + "/tight")
@@ -215,6 +345,21 @@ def test_overload_is_503_with_retry_after_and_the_service_recovers(service):
     assert httpx.post(url, files={"file": ("f.jpg", jpeg(), "image/jpeg")}).status_code == 200
 
 
+@pytest.mark.slow
+def test_health_never_loads_or_evicts_a_model(service):
+    """The tight app holds one model per replica: a probe that loaded the default would evict beta."""
+    url = service["url"] + "/tight"
+    wait_ready(url)
+    files = {"file": ("f.jpg", jpeg(seed=6), "image/jpeg")}
+    assert httpx.post(url + "/predict?model=beta", files=files).json()["model"] == "beta"
+    for _ in range(3):
+        health = httpx.get(url + "/health").json()
+        assert health["loaded_models"] == ["beta"] and health["models"] == ["alpha", "beta"]
+        assert health["device"] == "cpu" and health["precision"] == "fp32"
+    assert httpx.get(url + "/stats").json()["loaded_models"] == ["beta"]
+
+
+@pytest.mark.slow
 def test_loaded_models_follow_eviction(service):
     """The tight app keeps one model per replica: loading beta evicts alpha, and /stats says so."""
     url = service["url"] + "/tight"

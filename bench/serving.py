@@ -44,13 +44,13 @@ def photo(face: Path, width: int = 640, height: int = 480) -> bytes:
     return buffer.getvalue()
 
 
-# The load generator shares the 2 cores with the server it measures, so it must spend as little of
-# them as it can. httpx clients cost about 1.5 ms of CPU per request: at 380 requests/s they took
-# 0.58 of the two cores from the Serve application (per-process CPU sampled under load). These
-# clients speak HTTP/1.1 over plain asyncio streams on keep-alive connections, with each multipart
-# body encoded once before the clock starts: per request they parse a status line and headers,
-# nothing more. Every server gets the same clients, so the comparison stays side by side; what
-# changes is how much CPU is left to serve.
+# The load generator shares the machine's cores with the server it measures, so it must spend as
+# little of them as it can: httpx clients took a large share of them from the Serve application
+# (per-process CPU sampled under load; docs/benchmarks.md). These clients speak HTTP/1.1 over
+# plain asyncio streams on keep-alive connections, with each multipart body encoded once before
+# the clock starts: per request they parse a status line and headers, nothing more. Every server
+# gets the same clients, so the comparison stays side by side; what changes is how much CPU is
+# left to serve.
 
 
 def multipart_request(url: str, field: str, filename: str, content_type: str, data: bytes) -> bytes:

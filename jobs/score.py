@@ -236,6 +236,8 @@ class Progress:
 
 def _parquet_files(job: ScoreJob) -> list[str]:
     fs, root = filesystem(job.output)
+    # s3fs keeps listings it has seen; the Parquet files were written since, by Arrow's own client.
+    fs.invalidate_cache(root)
     if not fs.exists(root):
         return []
     return sorted(p for p in fs.ls(root, detail=False) if p.endswith(".parquet"))

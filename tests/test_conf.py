@@ -3,10 +3,13 @@
 import dataclasses
 
 import pytest
+import yaml
 
+from emotion.training import TrainConfig
 from jobs import evaluate, score
-from jobs.conf import read_defaults
+from jobs.conf import CONF_DIR, read_defaults
 from jobs.pipeline import PipelineConfig, pipeline_config
+from serve.app import Settings
 
 PARSERS = {"score": score.build_parser, "evaluate": evaluate.build_parser}
 # Flags that choose what to run rather than how: no default to keep anywhere.
@@ -23,9 +26,15 @@ def test_every_flag_has_its_default_in_yaml_and_every_key_is_a_flag(name):
             assert parser.get_default(action.dest) == read_defaults(name)[action.dest], action.dest
 
 
-def test_config_objects_carry_no_defaults_of_their_own():
-    for field in dataclasses.fields(PipelineConfig):
+@pytest.mark.parametrize("config", [PipelineConfig, TrainConfig, Settings])
+def test_config_objects_carry_no_defaults_of_their_own(config):
+    for field in dataclasses.fields(config):
         assert field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING, field.name
+
+
+def test_serve_yaml_sets_every_setting_and_nothing_else():
+    app = yaml.safe_load((CONF_DIR / "serve.yaml").read_text())["applications"][0]
+    assert set(app["args"]) == {field.name for field in dataclasses.fields(Settings)}
 
 
 @pytest.mark.parametrize("name", sorted(PARSERS))

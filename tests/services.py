@@ -16,7 +16,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import boto3
 import httpx
 
 from serve.environment import serving_env
@@ -74,6 +76,42 @@ class RayHead:
         return subprocess.run(command, cwd=ROOT, env=self.env(), capture_output=True, text=True,
                               timeout=timeout)
 
+    def start_job(self, *entrypoint: str) -> str:
+        """Submit without waiting; the job's id."""
+        return self.submit(*entrypoint, wait=False).stdout.split("Job '")[1].split("'")[0]
+
+    def job_command(self, *words: str) -> str:
+        """`ray job WORDS...` against this head; its standard output."""
+        return subprocess.run([str(BIN / "ray"), "job", *words, "--address", self.dashboard_url], env=self.env(),
+                              capture_output=True, text=True, timeout=120).stdout
+
+    def wait_for_job(self, job_id: str, timeout: float) -> str:
+        """SUCCEEDED, FAILED or STOPPED once the job ends; TIMEOUT if it has not by `timeout`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.job_command("status", job_id).lower()
+            for state in ("SUCCEEDED", "FAILED", "STOPPED"):
+                if f"job '{job_id}' {state}".lower() in status:
+                    return state
+            time.sleep(3)
+        return "TIMEOUT"
+
+
+def wait_for_file(folder: Path, pattern: str, timeout: float) -> None:
+    """Block until a file matching `pattern` appears in `folder` (a job's first output)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not list(folder.glob(pattern)):
+        time.sleep(0.1)
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM a process group, SIGKILL it if it lingers."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+
 
 @contextmanager
 def ray_head(num_cpus: int = 2) -> Iterator[RayHead]:
@@ -97,11 +135,7 @@ def ray_head(num_cpus: int = 2) -> Iterator[RayHead]:
         _wait_for_job_agent(head, process)
         yield head
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+        _stop_group(process)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
@@ -139,11 +173,7 @@ def ray_worker(head: RayHead, num_cpus: int = 1) -> Iterator[RayWorker]:
         yield worker
     finally:
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+            _stop_group(process)
         log.close()
 
 
@@ -188,6 +218,12 @@ class S3Server:
             "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_DEFAULT_REGION": "us-east-1",
         }
+
+    def client(self) -> Any:
+        """A boto3 S3 client for this server, the tests' own view of the buckets (boto3 builds its
+        client classes at run time, hence no finer type)."""
+        return boto3.client("s3", endpoint_url=self.endpoint_url, aws_access_key_id="testing",
+                            aws_secret_access_key="testing", region_name="us-east-1")
 
 
 @contextmanager

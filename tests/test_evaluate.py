@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import boto3
 import numpy as np
 import pandas as pd
 import pytest
@@ -365,8 +364,7 @@ def test_input_flags_replace_the_configs_sets():
 
 @pytest.mark.slow
 def test_s3_sets_output_and_history(ray_cluster, s3, sets, models):
-    client = boto3.client("s3", endpoint_url=s3.endpoint_url, aws_access_key_id="testing",
-                          aws_secret_access_key="testing", region_name="us-east-1")
+    client = s3.client()
     for bucket in ("eval-data", "eval-out"):
         client.create_bucket(Bucket=bucket)
     for image in sets["ck"].rglob("*"):

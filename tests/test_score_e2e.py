@@ -2,7 +2,6 @@
 
 import json
 
-import boto3
 import pandas as pd
 import pytest
 import s3fs
@@ -63,8 +62,7 @@ def test_bad_input_corpus_through_job_submit(ray_cluster, tmp_path, model_path):
 
 
 def test_s3_input_and_output(ray_cluster, s3, tmp_path, model_path):
-    client = boto3.client("s3", endpoint_url=s3.endpoint_url, aws_access_key_id="testing",
-                          aws_secret_access_key="testing", region_name="us-east-1")
+    client = s3.client()
     client.create_bucket(Bucket="faces")
     for i in range(12):
         client.put_object(Bucket="faces", Key=f"in/batch {i % 3}/face{i}.JPG", Body=jpeg(seed=i))

@@ -6,8 +6,6 @@ its lost blocks recomputed; the pool was fitted at start so that it still fits t
 """
 
 import json
-import subprocess
-import time
 
 import pandas as pd
 import pytest
@@ -15,7 +13,7 @@ import pytest
 from emotion.checkpoint import save_checkpoint
 from tests.conftest import tiny_checkpoint
 from tests.images import jpeg
-from tests.services import BIN, RayHead, ray_head, ray_worker
+from tests.services import ray_head, ray_worker, wait_for_file
 
 pytestmark = pytest.mark.slow
 
@@ -31,36 +29,16 @@ def test_job_finishes_exactly_once_after_a_worker_node_is_killed(tmp_path):
     with ray_head(num_cpus=1) as head, ray_worker(head, num_cpus=1) as worker:
         args = ["python", "-m", "jobs.score", "--input", str(folder), "--output", str(out), "--model", str(model),
                 "--batch-size", "100", "--files-per-block", "200", "--rows-per-file", "200"]
-        started = head.submit(*args, wait=False)
-        job_id = started.stdout.split("Job '")[1].split("'")[0]
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and not list(out.glob("*.parquet")):
-            time.sleep(0.2)
+        job_id = head.start_job(*args)
+        wait_for_file(out, "*.parquet", timeout=600)
         written = len(pd.read_parquet(out, columns=["path"]))
         worker.kill()
         assert 0 < written < 6000, "the node was killed mid-job"
-        result = _wait_for_job(head, job_id, timeout=900)
-        logs = _job_logs(head, job_id)
-        assert result == "SUCCEEDED", logs[-5000:]
+        result = head.wait_for_job(job_id, timeout=900)
+        assert result == "SUCCEEDED", head.job_command("logs", job_id)[-5000:]
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["rows"] == {"total": 6000, "ok": 6000, "error": 0}
     assert manifest["pipeline"]["min_actors"] == 2, "one actor per CPU of the cluster at start"
     df = pd.read_parquet(out)
     assert len(df) == 6000 and df["path"].is_unique
 
-
-def _wait_for_job(head: RayHead, job_id: str, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = subprocess.run([str(BIN / "ray"), "job", "status", job_id, "--address", head.dashboard_url],
-                                env=head.env(), capture_output=True, text=True, timeout=120).stdout
-        for state in ("SUCCEEDED", "FAILED", "STOPPED"):
-            if f"job '{job_id}' {state}".lower() in status.lower():
-                return state
-        time.sleep(3)
-    return "TIMEOUT"
-
-
-def _job_logs(head: RayHead, job_id: str) -> str:
-    return subprocess.run([str(BIN / "ray"), "job", "logs", job_id, "--address", head.dashboard_url],
-                          env=head.env(), capture_output=True, text=True, timeout=120).stdout

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import boto3
 import pytest
 
 from emotion.checkpoint import save_checkpoint
@@ -117,8 +116,7 @@ def test_overwrite_removes_only_the_previous_runs_files_and_resume_must_match(tm
 
 
 def test_s3_output_overlapping_the_input_is_refused(s3, models):
-    client = boto3.client("s3", endpoint_url=s3.endpoint_url, aws_access_key_id="testing",
-                          aws_secret_access_key="testing", region_name="us-east-1")
+    client = s3.client()
     client.create_bucket(Bucket="overlap")
     for i in range(3):
         client.put_object(Bucket="overlap", Key=f"in/face{i}.jpg", Body=jpeg(seed=i))

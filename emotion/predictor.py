@@ -38,6 +38,18 @@ def prediction_columns(probs: np.ndarray, labels: Sequence[str]) -> dict[str, np
     return columns
 
 
+def prediction_record(probs: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
+    """One image's prediction record (from `prediction_columns`) as JSON-ready values, with the
+    probabilities by label name."""
+    columns = prediction_columns(np.asarray(probs, dtype=np.float32)[None, :], labels)
+    return {
+        "predicted_label": columns["predicted_label"][0],
+        "predicted_class": int(columns["predicted_class"][0]),
+        "confidence": float(columns["confidence"][0]),
+        "probabilities": {label: float(columns[f"prob_{label}"][0]) for label in labels},
+    }
+
+
 def pick_device(requested: str | None = None) -> torch.device:
     """`requested` when given, else CUDA when present, else CPU."""
     if requested:
@@ -118,18 +130,9 @@ class Predictor:
             {"status": "error", "error": d.error, "width": d.width, "height": d.height}
             for d in decoded
         ]
-        columns = prediction_columns(probs, self.labels)
-        for row, i in enumerate(good):
-            results[i] = {
-                "status": "ok",
-                "error": None,
-                "predicted_label": columns["predicted_label"][row],
-                "predicted_class": int(columns["predicted_class"][row]),
-                "confidence": float(columns["confidence"][row]),
-                "probabilities": {label: float(columns[f"prob_{label}"][row]) for label in self.labels},
-                "width": decoded[i].width,
-                "height": decoded[i].height,
-            }
+        for row, i in zip(probs, good, strict=True):
+            results[i] = {"status": "ok", "error": None, **prediction_record(row, self.labels),
+                          "width": decoded[i].width, "height": decoded[i].height}
         return results
 
 

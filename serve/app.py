@@ -27,7 +27,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import ray
 import torch
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -38,7 +37,7 @@ from ray import serve
 import emotion
 from emotion.checkpoint import load_checkpoint
 from emotion.precision import resolve_precision
-from emotion.predictor import Predictor, pick_device
+from emotion.predictor import Predictor, pick_device, prediction_record
 from serve.batching import Batcher
 from serve.limits import UploadLimit
 
@@ -229,15 +228,12 @@ class Emotion:
             if error.startswith(_TOO_MANY_PIXELS):
                 error += f" (at most {self.settings.max_pixels})"
             return {"status": "error", "error": error, "code": _decode_status(error)}
-        probs = (await self.batcher.predict(predictor, decoded.pixels)).tolist()
-        labels = predictor.labels
-        top = int(np.argmax(probs))
+        record = prediction_record(await self.batcher.predict(predictor, decoded.pixels), predictor.labels)
         return {
             "status": "ok",
-            "predicted_emotion": labels[top],
-            "predicted_class": top,
-            "confidence": probs[top],
-            "probabilities": dict(zip(labels, probs, strict=True)),
+            **record,
+            # The name earlier releases answered with; kept for one release beside predicted_label.
+            "predicted_emotion": record["predicted_label"],
             "model": name,
             "width": decoded.width,
             "height": decoded.height,

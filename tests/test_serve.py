@@ -204,7 +204,8 @@ def test_predict_multipart_and_raw_body_agree_with_the_batch_predictor(service):
                            headers=AUTH)
     assert multipart.status_code == 200, multipart.text
     body = multipart.json()
-    assert set(body) >= {"predicted_emotion", "predicted_class", "confidence", "probabilities", "model",
+    assert body["predicted_emotion"] == body["predicted_label"], "the earlier name stays for one release"
+    assert set(body) >= {"predicted_label", "predicted_class", "confidence", "probabilities", "model",
                          "latency_ms"}
     assert body["model"] == "alpha"
     raw = httpx.post(service["url"] + "/predict", content=image,

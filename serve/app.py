@@ -65,7 +65,7 @@ class Settings:
     cors_origins: list[str]
     device: str | None
     precision: str
-    torch_threads: int | None
+    threads_per_actor: int | None
     models_per_replica: int
 
 
@@ -128,7 +128,7 @@ class Emotion:
         # Without a setting, torch would start a thread per core in every replica, and replicas
         # sharing a node would oversubscribe its cores (docs/benchmarks.md).
         reserved = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-        torch.set_num_threads(settings.torch_threads or max(int(reserved), 1))
+        torch.set_num_threads(settings.threads_per_actor or max(int(reserved), 1))
         self.device = pick_device(settings.device)
         self.precision = resolve_precision(settings.precision, self.device)
         self.loaded: dict[str, _Resident] = {}

@@ -70,7 +70,7 @@ def test_a_few_bad_files_among_many_blocks_write_and_read_back(tmp_path, model_p
     assert df[df["status"] == "ok"]["error"].isna().all()
     assert set(df["path"]) >= {str(p) for p in good} | {str(folder / "linked" / p.name) for p in linked}
     files = sorted(out.glob("*.parquet"))
-    assert len(files) >= 4
+    assert len(files) >= 2, "several Parquet files, so blocks with and without errors met at write"
     for file in files:
         assert pq.read_schema(file).remove_metadata() == output_schema(LABELS).remove_metadata(), file
     manifest = json.loads((out / "_manifest.json").read_text())

@@ -244,7 +244,7 @@ def _parquet_files(job: ScoreJob) -> list[str]:
 
 
 def _output_rows(job: ScoreJob) -> pyarrow.Table:
-    """The path of every row written under the output so far, with the file holding it.
+    """The path and status of every row written under the output so far, with the file holding it.
 
     A file cut short by a killed write (no Parquet footer) is the job's own and holds rows that
     were never recorded as done: it is removed, and its rows are scored again.
@@ -254,14 +254,15 @@ def _output_rows(job: ScoreJob) -> pyarrow.Table:
     for path in _parquet_files(job):
         try:
             with fs.open(path, "rb") as f:
-                table = pq.read_table(f, columns=["path"])
+                table = pq.read_table(f, columns=["path", "status"])
         except (OSError, pyarrow.ArrowInvalid) as exc:
             log.warning("removing %s, cut short by an interrupted write (%s); its rows are scored again", path, exc)
             fs.rm_file(path)
             continue
         tables.append(table.append_column("file", pyarrow.array([path] * len(table), pyarrow.string())))
     if not tables:
-        return pyarrow.table({"path": pyarrow.array([], pyarrow.string()), "file": pyarrow.array([], pyarrow.string())})
+        empty = pyarrow.array([], pyarrow.string())
+        return pyarrow.table({"path": empty, "status": empty, "file": empty})
     return pyarrow.concat_tables(tables)
 
 
@@ -334,9 +335,7 @@ def run(job: ScoreJob) -> dict[str, Any]:
             f"output does not account for the input: {len(missing)} missing, {len(extra)} unexpected "
             f"(e.g. {sorted(missing or extra)[:3]})"
         )
-    statuses = pyarrow.concat_tables(
-        pq.read_table(fs.open(f, "rb"), columns=["status"]) for f in _parquet_files(job)
-    ).column("status").to_pylist()
+    statuses = rows.column("status").to_pylist()
     scored_now = len(remaining)
     manifest = {
         "input": job.input,

@@ -22,6 +22,8 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from emotion.preprocess import DEFAULT_MAX_PIXELS, decode_image, decode_upright
+
 
 class Face(NamedTuple):
     """One detected face: a box in pixels of the image given to the detector, and its score.
@@ -264,11 +266,28 @@ def frame_face(image: np.ndarray, box: Face | tuple[int, int, int, int], framing
 
 
 @dataclass(frozen=True)
+class AutoRule:
+    """Which images `faces: auto` takes whole: those already about the model's input, meaning a
+    longer side of at most `max_scale` times the input size and sides within `max_aspect` of
+    each other. A detector cannot find a face in such an image anyway (its window is larger)."""
+
+    max_scale: float
+    max_aspect: float
+
+    def takes_whole(self, width: int, height: int, size: int) -> bool:
+        """Whether an upright `width` x `height` image is classified whole under `auto`."""
+        long, short = max(width, height), max(min(width, height), 1)
+        return long <= self.max_scale * size and long / short <= self.max_aspect
+
+
+@dataclass(frozen=True)
 class FaceConfig:
-    """A detector by name with its parameters, and the framing measured for it."""
+    """A detector by name with its parameters, the framing measured for it, and the rule by which
+    `faces: auto` decides between the whole image and detection."""
 
     detector: str
     framing: Framing
+    auto: AutoRule
     params: dict[str, Any] = field(default_factory=dict)
 
     def build(self) -> FaceDetector:
@@ -278,13 +297,17 @@ class FaceConfig:
 
 def face_config(values: Mapping[str, Any]) -> FaceConfig:
     """A `FaceConfig` from a mapping such as conf/faces.yaml; unknown keys are refused by name."""
-    known = {"detector", "params", "framing"}
+    known = {"detector", "params", "framing", "auto"}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"face config: unknown key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    framing = values.get("framing") or {}
     try:
-        return FaceConfig(values["detector"], Framing(**framing), dict(values.get("params") or {}))
+        return FaceConfig(
+            values["detector"],
+            Framing(**(values.get("framing") or {})),
+            AutoRule(**(values.get("auto") or {})),
+            dict(values.get("params") or {}),
+        )
     except (KeyError, TypeError) as exc:
         raise ValueError(f"face config: {exc}") from exc
 
@@ -293,3 +316,82 @@ def load_face_config(path: str | Path) -> FaceConfig:
     """The face config in a YAML file (conf/faces.yaml holds the default)."""
     with Path(path).open() as f:
         return face_config(yaml.safe_load(f) or {})
+
+
+FACE_MODES = ("whole", "detect", "auto")
+
+
+class FaceCrop(NamedTuple):
+    """What the classifier sees for one face: `pixels` (size x size x channels uint8), and `face`,
+    its box in pixels of the upright image (None when the whole image is taken as the face)."""
+
+    pixels: np.ndarray
+    face: Face | None
+
+
+class FacesInImage(NamedTuple):
+    """One image's faces, largest first: empty with `error` set when the image cannot be decoded,
+    empty without an error when detection found no face. `width` and `height` are the upright
+    image's; `detected` says whether the detector ran (`detect`, or `auto` on a photo)."""
+
+    crops: list[FaceCrop]
+    width: int
+    height: int
+    error: str | None
+    detected: bool
+
+
+class FaceFinder:
+    """Bytes to the crops the classifier should see, under a `faces` mode: the one path the batch
+    job, the evaluation and the endpoint share, so a face is cut the same way everywhere.
+
+    The detector is built on first use, so `whole` never imports a detection library. Photos are
+    decoded at a reduced JPEG scale when that still covers what detection needs (the detector's
+    `max_side`, if it has one, else the full image), and boxes are reported in the upright
+    image's own pixels.
+    """
+
+    def __init__(self, config: FaceConfig, size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        self.config = config
+        self.size, self.channels, self.max_pixels = size, channels, max_pixels
+        self._detector: FaceDetector | None = None
+
+    @property
+    def detector(self) -> FaceDetector:
+        if self._detector is None:
+            self._detector = self.config.build()
+        return self._detector
+
+    def find(self, data: bytes, mode: str) -> FacesInImage:
+        """The faces of the image in `data` under `mode` (one of `FACE_MODES`)."""
+        if mode not in FACE_MODES:
+            raise ValueError(f"faces: unknown mode {mode!r}; known: {', '.join(FACE_MODES)}")
+        if mode == "whole":
+            return self._whole(data)
+        max_side = self.config.params.get("max_side")
+        draft = (max_side, max_side) if max_side else None
+        decoded = decode_upright(data, self.channels, self.max_pixels, draft)
+        if decoded.pixels is None:
+            return FacesInImage([], decoded.width, decoded.height, decoded.error, False)
+        if mode == "auto" and self.config.auto.takes_whole(decoded.width, decoded.height, self.size):
+            return self._whole(data)
+        image = decoded.pixels
+        factor = decoded.width / image.shape[1]
+        crops = [
+            FaceCrop(frame_face(image, face, self.config.framing, self.size), _scaled(face, factor))
+            for face in self.detector.detect(image)
+        ]
+        return FacesInImage(crops, decoded.width, decoded.height, None, True)
+
+    def _whole(self, data: bytes) -> FacesInImage:
+        decoded = decode_image(data, self.size, self.channels, self.max_pixels)
+        crops = [] if decoded.pixels is None else [FaceCrop(decoded.pixels, None)]
+        return FacesInImage(crops, decoded.width, decoded.height, decoded.error, False)
+
+
+def _scaled(face: Face, factor: float) -> Face:
+    if factor == 1.0:
+        return face
+    return face._replace(
+        x=round(face.x * factor), y=round(face.y * factor), w=round(face.w * factor), h=round(face.h * factor)
+    )

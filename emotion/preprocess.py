@@ -20,7 +20,7 @@ _ROTATING_ORIENTATIONS = {5, 6, 7, 8}
 
 
 class Decoded(NamedTuple):
-    """One decoded image: `pixels` (HxWxC uint8, model size) or `error`, never both."""
+    """One decoded image: `pixels` (HxWxC uint8) or `error`, never both."""
 
     pixels: np.ndarray | None
     width: int
@@ -70,6 +70,24 @@ def decode_image(
     large to decode so that a user can see why they were refused (as stored, for a PNG whose
     EXIF follows its pixels). Images over `max_pixels` are refused from their header alone.
     """
+    decoded = decode_upright(data, channels, max_pixels, (size, size))
+    if decoded.pixels is None or decoded.pixels.shape[:2] == (size, size):
+        return decoded
+    image = Image.fromarray(decoded.pixels[:, :, 0] if channels == 1 else decoded.pixels)
+    image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return decoded._replace(pixels=np.asarray(image, dtype=np.uint8).reshape(size, size, channels))
+
+
+def decode_upright(
+    data: bytes, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int, int] | None = None
+) -> Decoded:
+    """Decode `data` to the upright image (HxWx`channels` uint8, EXIF orientation applied), or to
+    a short reason it cannot be; `width` and `height` are as in `decode_image`.
+
+    With `draft`, a JPEG is decoded at the smallest of 1/8, 1/4, 1/2 or full scale that still
+    covers `draft` (width, height of the stored image): large photos cost a fraction to read.
+    The pixels may then be smaller than `width` x `height`; their ratio scales boxes back.
+    """
     if not data:
         return _failure("empty file")
     try:
@@ -86,18 +104,16 @@ def decode_image(
         orientation = _orientation(image, header_only=False)
         if orientation in _ROTATING_ORIENTATIONS:
             width, height = height, width
-        # JPEG can decode at 1/2, 1/4 or 1/8 scale directly: large photos cost a fraction to read.
-        image.draft("L" if channels == 1 else "RGB", (size, size))
+        mode = "L" if channels == 1 else "RGB"
+        if draft:
+            image.draft(mode, draft)
         image.load()
         if orientation not in (None, 1):
             image = ImageOps.exif_transpose(image)
         image = _flatten_alpha(_to_8bit(image))
-        mode = "L" if channels == 1 else "RGB"
         if image.mode != mode:
             image = image.convert(mode)
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-        pixels = np.asarray(image, dtype=np.uint8).reshape(size, size, channels)
+        pixels = np.asarray(image, dtype=np.uint8).reshape(image.height, image.width, channels)
         return Decoded(pixels, width, height, None)
     except UnidentifiedImageError:
         return _failure("not an image")

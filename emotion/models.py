@@ -13,15 +13,6 @@ from typing import Any
 import torch
 from torch import nn
 
-# The torchvision families earlier emotion APIs were built on; any other registry name works too.
-TORCHVISION_ARCHITECTURES = (
-    "mobilenet_v2",
-    "resnet18",
-    "resnet50",
-    "efficientnet_v2_s",
-    "vgg19_bn",
-    "vit_b_16",
-)
 COMPACT_ARCHITECTURE = "emotion_cnn"
 
 

@@ -59,3 +59,13 @@ def full_uri(fs: AbstractFileSystem, path: str) -> str:
 def absolute_uri(uri: str) -> str:
     """`uri` with a local path made absolute, since Ray workers do not share the driver's cwd."""
     return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+
+def portable_name(uri: str) -> str:
+    """How a checkpoint names the data it came from: an object store URI as it is, a local folder
+    by its last two parts (`fer2013/train`), since the rest of a local path says only where one
+    machine kept its copy."""
+    if "://" in uri and scheme(uri) != "file":
+        return uri
+    parts = [part for part in strip_scheme(uri).split("/") if part]
+    return "/".join(parts[-2:])

@@ -20,22 +20,24 @@ from ray.train.torch import TorchTrainer
 
 from emotion.checkpoint import CheckpointError, load_checkpoint
 from emotion.models import available_architectures
-from emotion.training import CHECKPOINT_FILE, RunOptions, TrainConfig, train_loop_per_worker
+from emotion.training.config import RunOptions, TrainConfig
+from emotion.training.loop import CHECKPOINT_FILE, train_loop_per_worker
 from emotion.uris import absolute_uri, filesystem
 from jobs.conf import apply_defaults
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, its defaults read from conf/train.yaml (the only place they are set)."""
     parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__)
     parser.add_argument("--train", required=True, help="labelled folder (class sub-folders), local or s3://")
     parser.add_argument("--validation", help="labelled validation folder; default: a stratified split of --train")
     parser.add_argument("--output", required=True, help="checkpoint file to write, local or s3://")
     parser.add_argument("--arch", help="architecture name (emotion_cnn or a torchvision model)")
-    parser.add_argument("--arch-kwargs", type=json.loads, default={}, help='JSON, e.g. \'{"image_size": 48}\'')
-    parser.add_argument("--augmentation", type=json.loads, default={},
-                        help='JSON keyword arguments of emotion.augment.augment_faces, e.g. \'{"warp_fraction": 0}\'')
-    parser.add_argument("--input-size", type=int, default=48)
-    parser.add_argument("--channels", type=int, choices=(1, 3), default=1)
+    parser.add_argument("--arch-kwargs", type=json.loads, help='JSON, e.g. \'{"image_size": 48}\'')
+    parser.add_argument("--augmentation", type=json.loads,
+                        help='JSON keywords of emotion.training.augment.augment_faces, e.g. \'{"warp_fraction": 0}\'')
+    parser.add_argument("--input-size", type=int)
+    parser.add_argument("--channels", type=int, choices=(1, 3))
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)
@@ -51,13 +53,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, help="Ray Train workers (one per GPU on a GPU cluster)")
     parser.add_argument("--use-gpu", action=argparse.BooleanOptionalAction)
     parser.add_argument("--cpus-per-worker", type=float, help="default: all CPUs of the cluster shared out")
-    parser.add_argument("--storage", default=str(Path.home() / "ray_results"), help="Ray Train run storage")
+    parser.add_argument("--storage", help="Ray Train run storage, local (~ expanded) or s3://")
     parser.add_argument("--name", help="model name, and the run's folder under --storage")
-    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
+    parser.add_argument("--resume", action=argparse.BooleanOptionalAction,
                         help="continue the run in --storage/--name from its last epoch, under the same recipe")
     parser.add_argument("--epochs-this-run", type=int,
                         help="stop this invocation after N more epochs, leaving the run resumable")
     apply_defaults(parser, "train")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.arch not in available_architectures():
         parser.error(f"--arch {args.arch!r} is not a known architecture")
@@ -68,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             if not fs.isdir(path):
                 parser.error(f"--{flag} {uri}: no such folder")
             setattr(args, flag, absolute_uri(uri))
-    args.output, args.storage = absolute_uri(args.output), absolute_uri(args.storage)
+    args.output, args.storage = absolute_uri(args.output), absolute_uri(os.path.expanduser(args.storage))
     return args
 
 

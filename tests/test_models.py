@@ -1,7 +1,10 @@
 import pytest
 import torch
 
-from emotion.models import TORCHVISION_ARCHITECTURES, available_architectures, build_model
+from emotion.models import available_architectures, build_model
+
+# The torchvision families earlier emotion APIs were built on; any other registry name works too.
+TORCHVISION_ARCHITECTURES = ("mobilenet_v2", "resnet18", "resnet50", "efficientnet_v2_s", "vgg19_bn", "vit_b_16")
 
 SMALL_INPUT = {"vit_b_16": ({"image_size": 48}, 48)}
 

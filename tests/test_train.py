@@ -12,11 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from emotion.augment import augment_faces
 from emotion.checkpoint import load_checkpoint
 from emotion.labels import LABELS
 from emotion.predictor import Predictor
-from emotion.training import CSV_COLUMNS, TrainConfig, class_weights, write_metrics_csv
+from emotion.training.augment import augment_faces
+from emotion.training.config import TrainConfig
+from emotion.training.data import class_weights
+from emotion.training.loop import CSV_COLUMNS, write_metrics_csv
 from jobs.conf import read_defaults
 from jobs.train import metrics_csv_uri, parse_args
 from tests.services import ROOT
@@ -53,6 +55,8 @@ def test_ray_train_writes_a_checkpoint_that_loads_and_predicts(tmp_path):
     assert 0 <= checkpoint.metrics["validation"]["val_accuracy"] <= 1
     assert set(checkpoint.metrics["validation"]["per_class"]) >= set(LABELS)
     assert "stratified 25% split" in checkpoint.trained_on
+    # The data is named by its last two path parts: the checkpoint holds nothing of this machine's layout.
+    assert checkpoint.recipe["train"] == f"{tmp_path.name}/train" and str(tmp_path) not in checkpoint.trained_on
     probs = Predictor(output, device="cpu").predict_pixels(np.zeros((2, 48, 48, 1), np.uint8))
     assert probs.shape == (2, 7) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
 
@@ -110,7 +114,8 @@ def test_recipe_fields_take_the_yaml_defaults_through_their_flags(tmp_path):
     recipe = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     defaults = read_defaults("train")
     assert recipe["lr"] == 0.1
-    assert all(recipe[key] == value for key, value in defaults.items() if key in recipe and key != "lr")
+    given = {"train", "output", "lr"}
+    assert all(recipe[key] == value for key, value in defaults.items() if key in recipe and key not in given)
     assert args.resume is False and args.epochs_this_run is None
 
 

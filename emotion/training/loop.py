@@ -1,17 +1,15 @@
-"""The training loop run by each Ray Train worker, and the data it trains on.
+"""The training loop run by each Ray Train worker.
 
-Datasets of small faces fit in memory many times over, so each worker decodes its set once into
-uint8 arrays and augments batches as tensor ops on its own device: no per-image Python in the
-hot loop, and the same code runs on one CPU or on a node of GPUs.
+Batches are augmented as tensor ops on the worker's own device, from arrays decoded once
+(`emotion.training.data`): no per-image Python in the hot loop, and the same code runs on one CPU
+or on a node of GPUs.
 """
 
 import csv
-import hashlib
 import io
 import logging
 import tempfile
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,16 +22,17 @@ import ray.train.torch
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import classification_report, f1_score
-from sklearn.model_selection import train_test_split
 
-from emotion.augment import augment_faces
 from emotion.checkpoint import new_checkpoint, save_checkpoint
 from emotion.flip import flip_averaged_logits
-from emotion.folders import list_labelled_images, read_many
 from emotion.labels import LABELS
 from emotion.models import build_model
 from emotion.precision import autocast, resolve_precision
-from emotion.preprocess import decode_image, normalize
+from emotion.preprocess import normalize
+from emotion.training.augment import augment_faces
+from emotion.training.config import RunOptions, TrainConfig
+from emotion.training.data import class_weights, split_data
+from emotion.uris import portable_name
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "model.pt"
@@ -41,49 +40,6 @@ STATE_FILE = "state.pt"
 CSV_COLUMNS = (
     "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1", "lr", "seconds"
 )
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on; stored in the checkpoint as its recipe.
-
-    No field has a default of its own: `jobs.train` fills every one from its flags, whose defaults
-    are conf/train.yaml, so a default lives in one place.
-    """
-
-    train: str
-    validation: str | None
-    arch: str
-    arch_kwargs: dict[str, Any]
-    input_size: int
-    channels: int
-    epochs: int
-    batch_size: int
-    lr: float
-    warmup_fraction: float
-    weight_decay: float
-    label_smoothing: float
-    class_weight_power: float
-    patience: int
-    val_fraction: float
-    precision: str
-    seed: int
-    limit_per_class: int | None
-    augmentation: dict[str, Any]
-    name: str
-
-
-@dataclass
-class RunOptions:
-    """How one invocation runs, as opposed to what it trains: never part of the stored recipe.
-
-    `metrics_csv` is rewritten after every epoch from the checkpointed history, so a resumed run
-    never repeats a line. `epochs_this_run` ends the invocation after that many epochs with the
-    run still resumable, for sessions shorter than the schedule.
-    """
-
-    metrics_csv: str | None = None
-    epochs_this_run: int | None = None
 
 
 @dataclass
@@ -95,88 +51,6 @@ class Progress:
     stale: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     best_model: bytes = b""
-
-
-@dataclass
-class Arrays:
-    """Decoded images (N x H x W x C uint8), class ids, and content hashes for de-duplication."""
-
-    pixels: np.ndarray
-    targets: np.ndarray
-    digests: list[str]
-
-
-def load_arrays(uri: str, size: int, channels: int, limit_per_class: int | None = None) -> Arrays:
-    """Decode a labelled folder into memory, skipping unknown classes and undecodable files."""
-    found = list_labelled_images(uri)
-    paths, labels = found.paths, found.labels
-    if limit_per_class is not None:
-        taken: Counter[str] = Counter()
-        chosen = []
-        for i, label in enumerate(labels):
-            taken[label] += 1
-            if taken[label] <= limit_per_class:
-                chosen.append(i)
-        paths, labels = [paths[i] for i in chosen], [labels[i] for i in chosen]
-    if found.unknown:
-        log.warning("%s: skipping classes the model has no label for: %s", uri, sorted(found.unknown))
-    pixels, targets, digests, failed = [], [], [], 0
-    for start in range(0, len(paths), 2048):
-        chunk = read_many(paths[start : start + 2048])
-        for data, label in zip(chunk, labels[start : start + 2048], strict=True):
-            decoded = decode_image(data, size, channels)
-            if decoded.error is not None:
-                failed += 1
-                continue
-            pixels.append(decoded.pixels)
-            targets.append(LABELS.index(label))
-            digests.append(hashlib.md5(data).hexdigest())
-    if failed:
-        log.warning("%s: skipped %d undecodable files", uri, failed)
-    if not pixels:
-        raise ValueError(f"{uri}: no decodable images in the class sub-folders")
-    return Arrays(np.stack(pixels), np.asarray(targets, dtype=np.int64), digests)
-
-
-def split_data(cfg: TrainConfig) -> tuple[Arrays, Arrays]:
-    """Training and validation arrays, with training copies of validation images removed.
-
-    Byte-identical files across splits (about 2% of FER2013) would otherwise leak validation
-    images into training and flatter model selection.
-    """
-    train = load_arrays(cfg.train, cfg.input_size, cfg.channels, cfg.limit_per_class)
-    if cfg.validation:
-        val = load_arrays(cfg.validation, cfg.input_size, cfg.channels, cfg.limit_per_class)
-    else:
-        idx_train, idx_val = train_test_split(
-            np.arange(len(train.targets)),
-            test_size=cfg.val_fraction,
-            stratify=train.targets,
-            random_state=cfg.seed,
-        )
-        train, val = _subset(train, idx_train), _subset(train, idx_val)
-    seen = set(val.digests)
-    unique = np.asarray([d not in seen for d in train.digests])
-    if not unique.all():
-        log.warning("dropping %d training images identical to validation images", (~unique).sum())
-        train = _subset(train, np.flatnonzero(unique))
-    return train, val
-
-
-def _subset(arrays: Arrays, index: np.ndarray) -> Arrays:
-    return Arrays(arrays.pixels[index], arrays.targets[index], [arrays.digests[i] for i in index])
-
-
-def class_weights(targets: np.ndarray, power: float) -> torch.Tensor:
-    """Inverse-frequency weights raised to `power`, mean 1: 0 ignores imbalance, 1 fully evens it.
-
-    A partial correction lifts rare classes (disgust is 1.5% of FER2013) without giving up the
-    overall accuracy that full re-weighting costs.
-    """
-    counts = np.bincount(targets, minlength=len(LABELS)).astype(np.float64)
-    weights = (counts.sum() / np.maximum(counts, 1)) ** power
-    weights[counts == 0] = 0
-    return torch.tensor(weights / weights[counts > 0].mean(), dtype=torch.float32)
 
 
 @torch.no_grad()
@@ -355,6 +229,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             torch.save(state, Path(tmp) / STATE_FILE)
             best_file = Path(tmp) / CHECKPOINT_FILE
             if improved:
+                validation = cfg.validation and portable_name(cfg.validation)
                 report = classification_report(
                     truth, val_pred, labels=range(len(LABELS)), target_names=list(LABELS),
                     output_dict=True, zero_division=0,
@@ -369,9 +244,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     mean=mean,
                     std=std,
                     name=cfg.name,
-                    trained_on=f"{cfg.train} ({len(y_train)} images); selected on "
-                    f"{cfg.validation or f'a stratified {cfg.val_fraction:.0%} split'} ({len(y_val)} images)",
-                    recipe=asdict(cfg) | {"precision": precision, "workers": world},
+                    trained_on=f"{portable_name(cfg.train)} ({len(y_train)} images); selected on "
+                    f"{validation or f'a stratified {cfg.val_fraction:.0%} split'} ({len(y_val)} images)",
+                    recipe=asdict(cfg) | {"train": portable_name(cfg.train), "validation": validation,
+                                          "precision": precision, "workers": world},
                     metrics={"validation": metrics | {"per_class": report}},
                     test_time_flip=True,
                 )

@@ -1,0 +1,48 @@
+"""What a training run trains (`TrainConfig`, stored in the checkpoint as its recipe) and how one
+invocation runs it (`RunOptions`)."""
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; stored in the checkpoint as its recipe.
+
+    No field has a default of its own: `jobs.train` fills every one from its flags, whose defaults
+    are conf/train.yaml, so a default lives in one place.
+    """
+
+    train: str
+    validation: str | None
+    arch: str
+    arch_kwargs: dict[str, Any]
+    input_size: int
+    channels: int
+    epochs: int
+    batch_size: int
+    lr: float
+    warmup_fraction: float
+    weight_decay: float
+    label_smoothing: float
+    class_weight_power: float
+    patience: int
+    val_fraction: float
+    precision: str
+    seed: int
+    limit_per_class: int | None
+    augmentation: dict[str, Any]
+    name: str
+
+
+@dataclass
+class RunOptions:
+    """How one invocation runs, as opposed to what it trains: never part of the stored recipe.
+
+    `metrics_csv` is rewritten after every epoch from the checkpointed history, so a resumed run
+    never repeats a line. `epochs_this_run` ends the invocation after that many epochs with the
+    run still resumable, for sessions shorter than the schedule.
+    """
+
+    metrics_csv: str | None
+    epochs_this_run: int | None

@@ -1,9 +1,10 @@
 """`python -m jobs.evaluate --input NAME=PATH_OR_S3 ... --output PATH_OR_S3`: metrics and a report per set.
 
-Each input is a labelled set (one sub-folder per class). Its images go through the scoring
-pipeline (`jobs.pipeline.score_files`), so evaluation sees exactly what batch scoring produces; the
-per-image predictions, joined with the folder's class, are kept as Parquet under
-`<output>/predictions/<NAME>/`. `report.json` (schema in docs/evaluation.md) and a self-contained
+Each input is a labelled set (one sub-folder per class), `NAME:MODE=...` giving it its own
+`--faces` mode. Its images go through the scoring pipeline (`jobs.pipeline.score_files`), so
+evaluation sees exactly what batch scoring produces; the per-image predictions (a photo's largest
+face; a photo with no face found counts as a miss), joined with the folder's class, are kept as
+Parquet under `<output>/predictions/<NAME>/`. `report.json` (schema in docs/evaluation.md) and a self-contained
 `report.html` sit beside them. With `--history` and `--baseline` the run is compared with the
 previous night and a pinned baseline, and exits 1 when accuracy or macro-F1 drops by more than
 `--tolerance`. Bad flags and empty sets fail with exit 2 before Ray starts.
@@ -16,7 +17,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,19 +31,20 @@ import torch
 from emotion.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, CheckpointError, load_checkpoint
 from emotion.evaluation.gate import verdict
 from emotion.evaluation.history import append_history, history_entry, read_history, read_reference
-from emotion.evaluation.report import render_html, thumbnail
+from emotion.evaluation.report import render_html, with_crops
 from emotion.evaluation.sets import LabelledSet, join_truth, read_labelled_set, set_result
-from emotion.folders import read_many
+from emotion.faces import FaceConfig, FaceFinder
 from emotion.uris import absolute_uri, filesystem
 from jobs.common import UsageError, sha256_of, start
 from jobs.conf import CONF_DIR, apply_defaults
-from jobs.pipeline import PipelineConfig, pipeline_config, score_files
+from jobs.pipeline import PipelineConfig, check_faces, face_settings, pipeline_config, score_files
 
 log = logging.getLogger("jobs.evaluate")
 SCHEMA_VERSION = 1
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
 _SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_SET_INPUT = "NAME=PATH_OR_S3 or NAME:MODE=PATH_OR_S3, NAME of letters, digits, '_', '-', '.'"
 _TIMING_COLUMNS = ("inference_seconds", "peak_rss_bytes", "peak_gpu_bytes")
 
 
@@ -56,6 +58,7 @@ class EvaluateJob:
     checkpoint: Checkpoint
     model_uri: str
     pipeline: PipelineConfig
+    face_config: FaceConfig
     history: str | None
     previous: dict[str, Any] | None
     baseline_uri: str | None
@@ -82,8 +85,9 @@ def build_parser(conf: str = "evaluate") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--conf", default=conf, help="conf/<CONF>.yaml layered over conf/evaluate.yaml")
-    parser.add_argument("--input", action=_InputList, metavar="NAME=PATH_OR_S3",
-                        help="a labelled set: class sub-folders under a folder or s3:// prefix (repeatable)")
+    parser.add_argument("--input", action=_InputList, metavar="NAME[:MODE]=PATH_OR_S3",
+                        help="a labelled set: class sub-folders under a folder or s3:// prefix (repeatable); "
+                        "MODE: its own --faces")
     parser.add_argument("--output", help="folder or s3:// prefix for the report; {run_id} is replaced")
     parser.add_argument("--model", help="checkpoint path or s3:// URI (default: the embedded model)")
     parser.add_argument("--history", help="stable prefix holding history.jsonl, one line per run")
@@ -101,6 +105,9 @@ def build_parser(conf: str = "evaluate") -> argparse.ArgumentParser:
     parser.add_argument("--preprocess-tasks", type=int, help="cap on concurrent decoding tasks")
     parser.add_argument("--files-per-block", type=int, help="files per read-and-decode task")
     parser.add_argument("--max-pixels", type=int, help="larger images are error rows, refused before decoding")
+    parser.add_argument("--faces", help="whole: each image is one face; detect: a photo counts as its largest face; "
+                        "auto: whole for images about the model's input size, detect otherwise")
+    parser.add_argument("--face-config", help="face detector and framing YAML (default: conf/faces.yaml)")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"))
     parser.add_argument("--device", help="torch device for inference (default: cuda when given GPUs)")
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
@@ -121,19 +128,24 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     return parser, parser.parse_args(argv)
 
 
-def _split_input(spec: str) -> tuple[str, str]:
-    name, sep, uri = spec.partition("=")
-    if not sep or not uri or not _SET_NAME.match(name):
-        raise UsageError(f"--input {spec}: expected NAME=PATH_OR_S3 with NAME of letters, digits, '_', '-', '.'")
-    return name, uri
+def _split_input(spec: str) -> tuple[str, str | None, str]:
+    """NAME, its own faces mode (None: --faces) and the path of `NAME[:MODE]=PATH_OR_S3`."""
+    head, sep, uri = spec.partition("=")
+    name, colon, mode = head.partition(":")
+    if not sep or not uri or not _SET_NAME.match(name) or (colon and not mode):
+        raise UsageError(f"--input {spec}: expected {_SET_INPUT}")
+    if colon:
+        check_faces(mode, f"--input {spec}: faces mode")
+    return name, mode or None, uri
 
 
-def read_input(spec: str, labels: tuple[str, ...]) -> LabelledSet:
-    """The set a `--input NAME=PATH` names; any reason it cannot be scored is a usage error."""
-    name, raw = _split_input(spec)
+def read_input(spec: str, labels: tuple[str, ...], faces: str) -> LabelledSet:
+    """The set a `--input NAME[:MODE]=PATH` names, under its own faces mode or else `faces`; any
+    reason it cannot be scored is a usage error."""
+    name, mode, raw = _split_input(spec)
     uri = absolute_uri(raw).rstrip("/")
     try:
-        return read_labelled_set(name, uri, labels)
+        return read_labelled_set(name, uri, labels, mode or faces)
     except FileNotFoundError:
         raise UsageError(f"--input {spec}: no such folder or prefix") from None
     except PermissionError as exc:
@@ -161,6 +173,7 @@ def plan_job(args: argparse.Namespace, run_id: str) -> EvaluateJob:
         raise UsageError("--input NAME=PATH_OR_S3 is required (at least one labelled set)")
     if not args.output:
         raise UsageError("--output is required")
+    check_faces(args.faces)
     names = [_split_input(spec)[0] for spec in args.input]
     if len(set(names)) != len(names):
         raise UsageError(f"--input: set names must be unique, got {', '.join(names)}")
@@ -169,7 +182,8 @@ def plan_job(args: argparse.Namespace, run_id: str) -> EvaluateJob:
         checkpoint = load_checkpoint(model_uri)
     except CheckpointError as exc:
         raise UsageError(f"--model {exc}") from None
-    sets = [read_input(spec, checkpoint.labels) for spec in args.input]
+    face_config = face_settings(args.face_config)
+    sets = [read_input(spec, checkpoint.labels, args.faces) for spec in args.input]
     output = absolute_uri(args.output.replace("{run_id}", run_id)).rstrip("/")
     fs, root = filesystem(output)
     if fs.exists(f"{root}/{REPORT_JSON}") and not args.overwrite:
@@ -193,6 +207,7 @@ def plan_job(args: argparse.Namespace, run_id: str) -> EvaluateJob:
         checkpoint=checkpoint,
         model_uri=model_uri,
         pipeline=pipeline_config(args),
+        face_config=face_config,
         history=history,
         previous=previous[0] if previous else None,
         baseline_uri=baseline_uri,
@@ -209,7 +224,7 @@ def score_set(job: EvaluateJob, labelled: LabelledSet) -> tuple[pd.DataFrame, di
     """Predictions for every image of the set joined with its folder and class, and the
     efficiency measured while producing them."""
     started = time.monotonic()
-    ds = score_files(labelled.paths, job.checkpoint, job.pipeline,
+    ds = score_files(labelled.paths, job.checkpoint, replace(job.pipeline, faces=labelled.faces),
                      filesystem(labelled.uri, job.endpoint_url)[0], timing=True)
     df = ds.to_pandas()
     seconds = time.monotonic() - started
@@ -235,11 +250,6 @@ def write_predictions(df: pd.DataFrame, uri: str) -> None:
     fs.makedirs(path, exist_ok=True)
     with fs.open(f"{path}/predictions.parquet", "wb") as f:
         pq.write_table(pa.Table.from_pandas(df.drop(columns=["uri"]), preserve_index=False), f)
-
-
-def _with_thumbnails(mistakes: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    images = read_many([m["path"] for m in mistakes])
-    return [m | {"thumbnail": thumbnail(data)} for m, data in zip(mistakes, images, strict=True)]
 
 
 def run(job: EvaluateJob, started_at: datetime) -> dict[str, Any]:
@@ -283,7 +293,9 @@ def run(job: EvaluateJob, started_at: datetime) -> dict[str, Any]:
     out_fs.makedirs(root, exist_ok=True)
     with out_fs.open(f"{root}/{REPORT_JSON}", "w") as f:
         json.dump(report, f, indent=2)
-    mistakes = {name: _with_thumbnails(r["most_confident_mistakes"]) for name, r in sets.items()}
+    finder = FaceFinder(job.face_config, job.checkpoint.input_size, job.checkpoint.channels, job.pipeline.max_pixels)
+    mistakes = {labelled.name: with_crops(sets[labelled.name]["most_confident_mistakes"], finder, labelled.faces)
+                for labelled in job.sets}
     with out_fs.open(f"{root}/{REPORT_HTML}", "w") as f:
         f.write(render_html(report, mistakes))
     if job.history:
@@ -306,7 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         accuracy = "n/a" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
         macro = "n/a" if r["macro_f1"] is None else f"{r['macro_f1']:.4f}"
         print(f"{name}: accuracy {accuracy}, macro-F1 {macro} on {r['n_evaluated']} of {r['n_images']} images "
-              f"({r['n_errors']} unreadable, {r['n_excluded_unknown']} of unknown classes)")
+              f"({r['n_errors']} unreadable, {r['n_excluded_unknown']} of unknown classes); faces {r['faces']}: "
+              f"found in {'n/a' if r['faces_found'] is None else format(r['faces_found'], '.1%')}, "
+              f"{r['n_no_face']} without a face (counted as misses)")
     print(f"report: {job.output}/{REPORT_HTML}")
     for failure in report["gate"]["failures"]:
         print(f"REGRESSION: {failure['message']}", file=sys.stderr)

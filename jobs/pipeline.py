@@ -1,10 +1,12 @@
 """The scoring pipeline on Ray Data, shared by `jobs.score` and `jobs.evaluate`.
 
-Files are read and decoded by stateless CPU read tasks (`jobs.decoding.ImageFiles`) and scored by
-an actor pool that holds one `emotion.Predictor` per actor, so accelerators never wait on JPEG
-decoding. An unreadable or undecodable file becomes a row with status "error"; it never fails a
-task. Read tasks reserve a different CPU share from the actors on purpose: Ray Data fuses adjacent
-operators with identical resources, which would put decoding back inside the inference actors.
+Files are read, decoded and searched for faces by stateless CPU read tasks
+(`jobs.decoding.ImageFiles`) and scored by an actor pool that holds one `emotion.Predictor` per
+actor, so accelerators never wait on JPEG decoding or face detection. An unreadable or
+undecodable file becomes a row with status "error", a photo without a face one with status
+"no_face"; neither fails a task. Read tasks reserve a different CPU share from the actors on
+purpose: Ray Data fuses adjacent operators with identical resources, which would put decoding back
+inside the inference actors.
 """
 
 import argparse
@@ -18,15 +20,20 @@ import pyarrow as pa
 import ray
 import ray.data
 import torch
+import yaml
 from fsspec import AbstractFileSystem
 from ray.data import ActorPoolStrategy
 
 from emotion.checkpoint import Checkpoint
+from emotion.faces import FACE_MODES, FaceConfig, detector_names, load_face_config
 from emotion.predictor import Predictor, prediction_columns
 from emotion.uris import strip_scheme
+from jobs.common import UsageError
+from jobs.conf import CONF_DIR
 from jobs.decoding import ImageFiles
 
 PROGRESS_ACTOR = "emotion-ray-progress"
+BOX_COLUMNS = ("box_x", "box_y", "box_w", "box_h")
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,10 @@ class PipelineConfig:
     device: str | None
     precision: str
     max_pixels: int
+    # whole | detect | auto (emotion.faces.FACE_MODES); a set in jobs.evaluate may choose its own.
+    faces: str
+    # A face config file; None: the project's conf/faces.yaml.
+    face_config: str | None
 
 
 def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
@@ -70,7 +81,37 @@ def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
         device=args.device,
         precision=args.precision,
         max_pixels=args.max_pixels,
+        faces=args.faces,
+        face_config=args.face_config,
     )
+
+
+def check_faces(mode: str, flag: str = "--faces") -> None:
+    """Refuse a `faces` mode other than whole, detect or auto, in one line."""
+    if mode not in FACE_MODES:
+        raise UsageError(f"{flag} {mode}: expected one of {', '.join(FACE_MODES)}")
+
+
+def face_settings(path: str | None) -> FaceConfig:
+    """The face config in `path` (None: the project's conf/faces.yaml), checked before any work: a
+    missing file, an unknown key or detector, or parameters the detector refuses are one line
+    naming the file, not a failure in every read task. Building the detector is what checks its
+    parameters (and that its library is installed); it costs a fraction of a second."""
+    where = path or str(CONF_DIR / "faces.yaml")
+    try:
+        config = load_face_config(where)
+    except FileNotFoundError:
+        raise UsageError(f"--face-config {where}: no such file") from None
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise UsageError(f"--face-config {where}: {' '.join(str(exc).split())}") from None
+    if config.detector not in detector_names():
+        raise UsageError(f"--face-config {where}: unknown detector {config.detector!r}; "
+                         f"known: {', '.join(detector_names())}")
+    try:
+        config.build()
+    except (ImportError, TypeError, ValueError) as exc:
+        raise UsageError(f"--face-config {where}: detector {config.detector}: {exc}") from None
+    return config
 
 
 def output_schema(labels: tuple[str, ...] | list[str], timing: bool = False) -> pa.Schema:
@@ -88,6 +129,10 @@ def output_schema(labels: tuple[str, ...] | list[str], timing: bool = False) -> 
         pa.field("width", pa.int32(), nullable=False),
         pa.field("height", pa.int32(), nullable=False),
         pa.field("model", pa.string(), nullable=False),
+        pa.field("face_index", pa.int32(), nullable=False),
+        *(pa.field(name, pa.int32()) for name in BOX_COLUMNS),
+        pa.field("face_score", pa.float32()),
+        pa.field("faces_in_image", pa.int32(), nullable=False),
     ]
     if timing:
         fields += [pa.field("inference_seconds", pa.float64()), pa.field("peak_rss_bytes", pa.int64()),
@@ -97,14 +142,14 @@ def output_schema(labels: tuple[str, ...] | list[str], timing: bool = False) -> 
 
 @ray.remote(num_cpus=0)
 class ProgressCounter:
-    """Rows scored so far, for the driver's progress line and stall detector.
+    """Files scored so far, for the driver's progress line and stall detector.
 
-    Rows are marked by their index in the job's file list, so a batch retried after an actor
-    died is counted once.
+    Rows are marked by their file's index in the job's file list, so a photo's several faces, and
+    a batch retried after an actor died, count once.
     """
 
-    def __init__(self, rows: int) -> None:
-        self.done = np.zeros(rows, dtype=bool)
+    def __init__(self, files: int) -> None:
+        self.done = np.zeros(files, dtype=bool)
 
     def add(self, rows: np.ndarray) -> None:
         self.done[rows] = True
@@ -159,6 +204,7 @@ class ScoreBatch:
         }
         out["width"], out["height"] = batch["width"], batch["height"]
         out["model"] = np.full(n, self.model_name, dtype=object)
+        out.update(_face_columns(batch))
         if self.timing:
             out.update(self._timing_columns(ok, forward_seconds))
         if self.progress is not None:
@@ -179,6 +225,19 @@ class ScoreBatch:
         }
 
 
+def _face_columns(batch: dict[str, np.ndarray]) -> dict[str, pa.Array]:
+    """The face columns of the output: boxes and score null where the read stage found no box
+    (it marks those with a box width of 0: the image taken whole, no face, an error)."""
+    no_box = batch["box_w"] == 0
+    columns = {name: pa.array(batch[name], pa.int32(), mask=no_box) for name in BOX_COLUMNS}
+    return {
+        "face_index": batch["face_index"],
+        **columns,
+        "face_score": pa.array(batch["face_score"], pa.float32(), mask=no_box),
+        "faces_in_image": batch["faces_in_image"],
+    }
+
+
 def score_files(
     paths: list[str],
     checkpoint: Checkpoint,
@@ -186,8 +245,9 @@ def score_files(
     filesystem: AbstractFileSystem,
     timing: bool = False,
 ) -> ray.data.Dataset:
-    """A lazy Dataset of one prediction row per file in `paths`, read through `filesystem`
-    (nothing runs until consumed), in the schema of `output_schema`. Paths in the output have no
+    """A lazy Dataset of prediction rows for the files in `paths`, read through `filesystem`
+    (nothing runs until consumed), in the schema of `output_schema`: under `config.faces`, one
+    row per face, or one for a file without any (error, no face). Paths in the output have no
     scheme (bucket/key for S3). The pool's size and CPUs must be set (see `jobs.layout`).
 
     `timing` adds the efficiency columns of `ScoreBatch` (inference_seconds, peak_rss_bytes,
@@ -203,6 +263,8 @@ def score_files(
         max_pixels=config.max_pixels,
         files_per_block=config.files_per_block,
         batch_size=config.batch_size,
+        faces=config.faces,
+        face_config=load_face_config(config.face_config or CONF_DIR / "faces.yaml"),
     )
     ds = ray.data.read_datasource(
         files,

@@ -1,8 +1,9 @@
 """`python -m jobs.score --input PATH_OR_S3 --output PATH_OR_S3`: Parquet predictions for every image.
 
 Runs standalone (starting a local Ray) or under `ray job submit`. Every input file appears in the
-output exactly once, as a prediction or as an error row; `_manifest.json`, written last, marks
-the output complete. A run that stops early resumes where it left off when started again.
+output exactly once: as one prediction row per face (`--faces`), as a `no_face` row, or as an error
+row; `_manifest.json`, written last, marks the output complete. A run that stops early resumes
+where it left off when started again.
 """
 
 import _thread
@@ -17,6 +18,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+import pandas as pd
 import pyarrow
 import pyarrow.compute
 import pyarrow.parquet as pq
@@ -42,7 +44,15 @@ from jobs.output import (
     run_record,
     write_record,
 )
-from jobs.pipeline import PROGRESS_ACTOR, PipelineConfig, ProgressCounter, pipeline_config, score_files
+from jobs.pipeline import (
+    PROGRESS_ACTOR,
+    PipelineConfig,
+    ProgressCounter,
+    check_faces,
+    face_settings,
+    pipeline_config,
+    score_files,
+)
 
 log = logging.getLogger("jobs.score")
 
@@ -93,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"))
     parser.add_argument("--device", help="torch device for inference (default: cuda when given GPUs)")
     parser.add_argument("--limit", type=int, help="score only the first N files (dry runs)")
+    parser.add_argument("--faces", help="whole: each image is one face; detect: every face found; "
+                        "auto: whole for images about the model's input size, detect otherwise")
+    parser.add_argument("--face-config", help="face detector and framing YAML (default: conf/faces.yaml)")
     parser.add_argument("--overwrite", action="store_true", help="replace a complete output")
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
     parser.add_argument("--progress-interval", type=float, help="seconds between progress log lines")
@@ -117,6 +130,8 @@ def plan_job(args: argparse.Namespace) -> ScoreJob:
     _positive(args.preprocess_cpus, "--preprocess-cpus", allow_zero=True)
     _positive(args.stall_timeout, "--stall-timeout")
     _positive(args.progress_interval, "--progress-interval")
+    check_faces(args.faces)
+    faces = face_settings(args.face_config)
     if args.actors is not None and args.min_actors is not None:
         raise UsageError("--actors and --min-actors/--max-actors are alternatives; pass one")
     if (args.min_actors is None) != (args.max_actors is None):
@@ -142,7 +157,10 @@ def plan_job(args: argparse.Namespace) -> ScoreJob:
     input_uri = absolute_uri(args.input).rstrip("/")
     output = absolute_uri(args.output).rstrip("/")
     model_sha256 = sha256_of(model_uri)
-    record = run_record(input_uri, model_uri, model_sha256, args.limit, args.precision)
+    # Rows cut under other face settings must not share an output: they could differ in number.
+    record = run_record(input_uri, model_uri, model_sha256, args.limit, args.precision) | {
+        "faces": {"mode": args.faces, "config": asdict(faces)},
+    }
     fs, root = filesystem(output)
     try:
         check_separate(input_uri, output)
@@ -150,6 +168,13 @@ def plan_job(args: argparse.Namespace) -> ScoreJob:
         check_output(previous, args.output, record, args.overwrite)
     except OutputError as exc:
         raise UsageError(str(exc)) from None
+    if previous.record is not None and not (args.overwrite or previous.complete) \
+            and previous.record.get("faces") != record["faces"]:
+        before = previous.record.get("faces") or {}
+        raise UsageError(f"--output {args.output} holds a partial run made with other face settings: "
+                         f"--faces {before.get('mode')} (now {args.faces})"
+                         f"{'' if before.get('config') == record['faces']['config'] else ' and another face config'}; "
+                         "rerun with the same settings to resume, or pass --overwrite to start again")
     return ScoreJob(
         input=input_uri,
         output=output,
@@ -188,7 +213,7 @@ def _waiting_work() -> str:
 
 
 class Progress:
-    """The driver's watch over a run: a log line every `interval` seconds (rows done, images/s,
+    """The driver's watch over a run: a log line every `interval` seconds (files done, files/s,
     ETA) and, when no row is scored for `stall_timeout` seconds while work remains, a failure
     naming what Ray reports as waiting, instead of a job that hangs unnoticed."""
 
@@ -230,7 +255,7 @@ class Progress:
                 last_log = now
                 rate = done / (now - started)
                 eta = f"{(self.total - done) / rate:.0f} s" if rate else "unknown"
-                log.info("scored %d/%d rows (%.1f%%), %.0f images/s, ETA %s",
+                log.info("scored %d/%d files (%.1f%%), %.0f images/s, ETA %s",
                          done, self.total, 100 * done / self.total, rate, eta)
 
 
@@ -243,8 +268,12 @@ def _parquet_files(job: ScoreJob) -> list[str]:
     return sorted(p for p in fs.ls(root, detail=False) if p.endswith(".parquet"))
 
 
-def _output_rows(job: ScoreJob) -> pyarrow.Table:
-    """The path and status of every row written under the output so far, with the file holding it.
+_ROW_COLUMNS = ["path", "status", "face_index", "faces_in_image"]
+
+
+def _output_rows(job: ScoreJob) -> pd.DataFrame:
+    """The path, status, face index and face count of every row written under the output so far,
+    with the file holding it.
 
     A file cut short by a killed write (no Parquet footer) is the job's own and holds rows that
     were never recorded as done: it is removed, and its rows are scored again.
@@ -254,37 +283,67 @@ def _output_rows(job: ScoreJob) -> pyarrow.Table:
     for path in _parquet_files(job):
         try:
             with fs.open(path, "rb") as f:
-                table = pq.read_table(f, columns=["path", "status"])
+                table = pq.read_table(f, columns=_ROW_COLUMNS)
         except (OSError, pyarrow.ArrowInvalid) as exc:
             log.warning("removing %s, cut short by an interrupted write (%s); its rows are scored again", path, exc)
             fs.rm_file(path)
             continue
-        tables.append(table.append_column("file", pyarrow.array([path] * len(table), pyarrow.string())))
+        tables.append(table.to_pandas().assign(file=path))
     if not tables:
-        empty = pyarrow.array([], pyarrow.string())
-        return pyarrow.table({"path": empty, "status": empty, "file": empty})
-    return pyarrow.concat_tables(tables)
+        return pd.DataFrame(columns=[*_ROW_COLUMNS, "file"])
+    return pd.concat(tables, ignore_index=True)
 
 
-def _drop_duplicates(job: ScoreJob, rows: pyarrow.Table) -> pyarrow.Table:
-    """Remove second copies of a path, which a write retried after its worker died can leave
-    behind; whole-file rewrites keep each file consistent."""
-    seen: set[str] = set()
+def _complete(rows: pd.DataFrame, by: list[str]) -> pd.Series:
+    """Per group of `rows`: whether it holds face indices 0..n-1 once each, n being the rows'
+    `faces_in_image` (one row for a file with no face)."""
+    groups = rows.assign(expected=rows["faces_in_image"].clip(lower=1)).groupby(by, sort=True)
+    stats = groups.agg(n=("face_index", "size"), distinct=("face_index", "nunique"), low=("face_index", "min"),
+                       top=("face_index", "max"), expected=("expected", "max"), fewest=("expected", "min"))
+    return ((stats["n"] == stats["expected"]) & (stats["distinct"] == stats["expected"]) & (stats["low"] == 0)
+            & (stats["top"] == stats["expected"] - 1) & (stats["fewest"] == stats["expected"]))
+
+
+def _reconcile(job: ScoreJob, rows: pd.DataFrame) -> pd.DataFrame:
+    """Leave each path's rows in the output exactly once and complete, or not at all.
+
+    The read stage yields a file's rows together, but the inference stage re-batches rows by
+    `--batch-size`, so one photo's faces can reach two Parquet files, and a run stopped between
+    those writes leaves the photo half-written; a write retried after its worker died can leave a
+    second copy. So a path complete within one file keeps that file's copy (the first such file)
+    and loses any other; a path whose rows across files form one complete set stays; any other
+    path is removed everywhere and scored again. Files are rewritten whole, so each stays
+    consistent.
+    """
+    if rows.empty:
+        return rows
+    in_file = _complete(rows, ["path", "file"]).rename("complete").reset_index()
+    copies = in_file.groupby("path")["file"].transform("size")
+    doubtful = in_file[(copies > 1) | ~in_file["complete"]]
+    if doubtful.empty:
+        return rows
+    across_files = _complete(rows[rows["path"].isin(doubtful["path"])], ["path"])
+    drop: dict[str, set[str]] = {}
+    for path, held in doubtful.groupby("path"):
+        whole = held[held["complete"]]
+        if not whole.empty:
+            drop_from = held["file"][held["file"] != whole["file"].iloc[0]]
+        elif across_files[path]:
+            continue
+        else:
+            drop_from = held["file"]
+        for file in drop_from:
+            drop.setdefault(file, set()).add(path)
     fs, _ = filesystem(job.output)
-    paths, files = rows.column("path").to_pylist(), rows.column("file").to_pylist()
-    redundant: dict[str, set[str]] = {}
-    for path, file in zip(paths, files, strict=True):
-        if path in seen:
-            redundant.setdefault(file, set()).add(path)
-        seen.add(path)
-    for file, drop in redundant.items():
+    for file, paths in drop.items():
         with fs.open(file, "rb") as f:
             table = pq.read_table(f)
-        keep = pyarrow.compute.invert(pyarrow.compute.is_in(table.column("path"), pyarrow.array(drop)))
+        keep = pyarrow.compute.invert(pyarrow.compute.is_in(table.column("path"), pyarrow.array(sorted(paths))))
         with fs.open(file, "wb") as f:
             pq.write_table(table.filter(keep), f)
-        log.warning("removed %d duplicate rows left by an interrupted run from %s", len(drop), file)
-    return _output_rows(job) if redundant else rows
+        log.warning("removed the rows of %d files left duplicated or incomplete by an interrupted run from %s",
+                    len(paths), file)
+    return _output_rows(job) if drop else rows
 
 
 def _score_remaining(job: ScoreJob, paths: list[str]) -> None:
@@ -317,25 +376,28 @@ def run(job: ScoreJob) -> dict[str, Any]:
     if job.overwrite:
         clear_output(fs, job.previous)
     write_record(fs, root, job.record)
-    done = set(_drop_duplicates(job, _output_rows(job)).column("path").to_pylist())
+    kept = _reconcile(job, _output_rows(job))
+    done = set(kept["path"])
     remaining = [p for p in job.paths if strip_scheme(p) not in done]
     previous = len(job.paths) - len(remaining)
     if previous:
-        log.info("resuming: %d of %d rows already written under %s", previous, len(job.paths), job.output)
+        log.info("resuming: %d of %d files already written under %s", previous, len(job.paths), job.output)
     started_at, started = datetime.now(UTC), time.monotonic()
     if remaining:
         _score_remaining(job, remaining)
     seconds = time.monotonic() - started
-    rows = _drop_duplicates(job, _output_rows(job))
-    written = rows.column("path").to_pylist()
+    # After reconciling, each path left has its complete rows once.
+    rows = _reconcile(job, _output_rows(job))
+    written = set(rows["path"])
     expected = {strip_scheme(p) for p in job.paths}
-    missing, extra = expected - set(written), set(written) - expected
-    if missing or extra or len(written) != len(expected):
+    missing, extra = expected - written, written - expected
+    if missing or extra:
         raise RuntimeError(
             f"output does not account for the input: {len(missing)} missing, {len(extra)} unexpected "
             f"(e.g. {sorted(missing or extra)[:3]})"
         )
-    statuses = rows.column("status").to_pylist()
+    statuses = rows["status"].value_counts()
+    files = rows.drop_duplicates("path")["status"].value_counts()
     scored_now = len(remaining)
     manifest = {
         "input": job.input,
@@ -346,8 +408,13 @@ def run(job: ScoreJob) -> dict[str, Any]:
             "uri": job.model_uri,
             "sha256": job.model_sha256,
         },
-        "rows": {"total": len(written), "ok": statuses.count("ok"), "error": statuses.count("error")},
-        "resumed_rows": previous,
+        "faces": {"mode": job.pipeline.faces, "config": job.record["faces"]["config"]},
+        # ok rows are faces classified; rows of files without a face are counted under files.
+        "rows": {"total": len(rows), "ok": int(statuses.get("ok", 0)), "error": int(statuses.get("error", 0))},
+        "files": {"total": len(written), "with_faces": int(files.get("ok", 0)),
+                  "no_face": int(files.get("no_face", 0)), "error": int(files.get("error", 0))},
+        "resumed_files": previous,
+        "resumed_rows": len(kept),
         "skipped": job.skipped,
         "started": started_at.isoformat(timespec="seconds"),
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -385,9 +452,9 @@ def main(argv: list[str] | None = None) -> int:
         manifest = run(job)
     except StallError as exc:
         parser.exit(1, f"error: stalled: {exc}\n")
-    rows = manifest["rows"]
-    print(f"wrote {rows['total']} rows ({rows['ok']} ok, {rows['error']} error) to {job.output} "
-          f"at {manifest['images_per_s']} images/s")
+    rows, files = manifest["rows"], manifest["files"]
+    print(f"wrote {rows['total']} rows for {files['total']} files ({rows['ok']} faces, {files['no_face']} files "
+          f"without a face, {files['error']} error) to {job.output} at {manifest['images_per_s']} images/s")
     return 0
 
 

@@ -8,17 +8,22 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import ray
+from PIL import Image
 from ray import cloudpickle
 from ray.data import ActorPoolStrategy
 from ray.data.block import BlockAccessor
 
+from emotion.faces import FaceFinder, load_face_config
 from emotion.labels import LABELS
 from emotion.preprocess import decode_image
-from jobs.decoding import ImageFiles, decode_files
+from jobs.decoding import ImageFiles, find_faces
 from jobs.pipeline import ProgressCounter, ScoreBatch, output_schema, score_files
 from tests.conftest import pipeline, tiny_checkpoint
-from tests.images import jpeg
+from tests.images import encode, jpeg
 from tests.services import ROOT
+from tests.test_faces import CONF, PLACED, SIDE, three_faces
+
+FACE_CONFIG = load_face_config(CONF)
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +57,11 @@ def test_cpu_plan_uses_the_default_device(local_ray, tmp_path):
 
 def test_decode_then_score_a_batch_by_hand():
     contents = [jpeg(seed=1), b"junk", PermissionError(13, "Permission denied"), jpeg(seed=2)]
-    decoded = decode_files(["a.jpg", "b.jpg", "c.jpg", "d.jpg"], contents, 48, 1, 10_000)
+    finder = FaceFinder(FACE_CONFIG, 48, 1, 10_000)
+    decoded = find_faces(["a.jpg", "b.jpg", "c.jpg", "d.jpg"], range(4), contents, finder, "whole")
     assert decoded["pixels"].shape == (4, 48, 48, 1)
     assert list(decoded["status"]) == ["ok", "error", "error", "ok"]
     assert np.array_equal(decoded["pixels"][0], decode_image(jpeg(seed=1), 48, 1).pixels)
-    decoded["row"] = np.arange(4)
     table = ScoreBatch(tiny_checkpoint(), "cpu", "fp32", None)(decoded)
     assert table.schema == output_schema(LABELS)
     scored = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
@@ -64,9 +69,33 @@ def test_decode_then_score_a_batch_by_hand():
         None, "not an image", "unreadable: PermissionError: [Errno 13] Permission denied", None
     ]
     assert np.isnan(scored["confidence"][1]) and scored["predicted_class"][1] == -1
+    assert list(scored["face_index"]) == [0, 0, 0, 0] and list(scored["faces_in_image"]) == [1, 0, 0, 1]
+    assert table.column("box_x").null_count == 4 and table.column("face_score").null_count == 4
     probs = np.stack([scored[k] for k in scored if k.startswith("prob_")], axis=1)
     assert np.allclose(probs[[0, 3]].sum(axis=1), 1, atol=1e-5)
     assert np.allclose(probs[[0, 3]].max(axis=1), scored["confidence"][[0, 3]])
+
+
+def test_a_photo_gives_a_row_per_face_and_a_blank_one_a_no_face_row():
+    """Rows of one photo carry its file index, so progress counts files; boxes are in its pixels."""
+    canvas = encode(Image.fromarray(three_faces()), "JPEG", quality=95)
+    grey = encode(Image.new("L", (640, 480), 128), "JPEG")
+    finder = FaceFinder(FACE_CONFIG, 48, 1, 10_000_000)
+    found = find_faces(["three.jpg", "grey.jpg", "crop.jpg"], range(7, 10), [canvas, grey, jpeg()], finder, "auto")
+    assert list(found["path"]) == ["three.jpg"] * 3 + ["grey.jpg", "crop.jpg"]
+    assert list(found["row"]) == [7, 7, 7, 8, 9]
+    assert list(found["status"]) == ["ok", "ok", "ok", "no_face", "ok"]
+    assert list(found["face_index"]) == [0, 1, 2, 0, 0] and list(found["faces_in_image"]) == [3, 3, 3, 0, 1]
+    assert found["box_w"][3:].tolist() == [0, 0], "no box: nothing found, and a 48x48 crop taken whole"
+    centres = sorted((x + w / 2, y + h / 2) for x, y, w, h in zip(
+        found["box_x"][:3], found["box_y"][:3], found["box_w"][:3], found["box_h"][:3], strict=True))
+    for (cx, cy), (x, y) in zip(centres, sorted(PLACED.values()), strict=True):
+        assert abs(cx - (x + SIDE / 2)) < SIDE / 4 and abs(cy - (y + SIDE / 2)) < SIDE / 4
+    assert not found["pixels"][3].any() and found["pixels"][0].any()
+    table = ScoreBatch(tiny_checkpoint(), "cpu", "fp32", None)(found)
+    assert table.column("status").to_pylist()[3] == "no_face"
+    assert table.column("predicted_label").to_pylist()[3] is None
+    assert table.column("box_x").to_pylist()[3:] == [None, None]
 
 
 def test_read_tasks_hold_a_bounded_number_of_files(tmp_path):
@@ -76,7 +105,8 @@ def test_read_tasks_hold_a_bounded_number_of_files(tmp_path):
         (tmp_path / f"{i}.jpg").write_bytes(jpeg(seed=i))
         paths.append(str(tmp_path / f"{i}.jpg"))
     paths.append(str(tmp_path / "deleted after listing.jpg"))
-    files = ImageFiles(paths, fsspec.filesystem("file"), 48, 1, 10_000, files_per_block=3, batch_size=2)
+    files = ImageFiles(paths, fsspec.filesystem("file"), 48, 1, 10_000, files_per_block=3, batch_size=2,
+                       faces="whole", face_config=FACE_CONFIG)
     tasks = files.get_read_tasks(parallelism=100)
     assert [t.metadata.num_rows for t in tasks] == [3, 3, 2]
     blocks = [BlockAccessor.for_block(b) for b in tasks[0]()]
@@ -86,8 +116,9 @@ def test_read_tasks_hold_a_bounded_number_of_files(tmp_path):
     assert blocks[0].to_arrow().schema.field("error").type == pa.string(), "typed even with no error in the block"
     assert [BlockAccessor.for_block(b).to_numpy("row").tolist() for b in tasks[2]()] == [[6, 7]]
     many = ImageFiles([f"/faces/{i:06d}.jpg" for i in range(100_000)], fsspec.filesystem("file"), 48, 1,
-                      10_000, files_per_block=3, batch_size=2)
+                      10_000, files_per_block=3, batch_size=2, faces="detect", face_config=FACE_CONFIG)
     assert len(cloudpickle.dumps(many.get_read_tasks(1)[0])) < 5_000, "a task must not carry every path"
+    assert many.get_read_tasks(1)[0].metadata.num_rows is None, "rows per file are unknown before detection"
     last = BlockAccessor.for_block(next(iter(tasks[2]()))).to_pandas()
     assert last["status"].tolist() == ["ok", "error"]
     assert last["error"][1].startswith("unreadable: FileNotFoundError")

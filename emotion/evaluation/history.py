@@ -52,7 +52,7 @@ def read_reference(uri: str) -> dict[str, Any]:
 def history_entry(report: dict[str, Any], report_uri: str) -> dict[str, Any]:
     """The line a run adds to the history: headline metrics per set, the model, and the verdict."""
     keys = ("accuracy", "macro_f1", "micro_f1", "weighted_f1", "top2_accuracy", "ece",
-            "n_images", "n_evaluated", "n_errors", "n_excluded_unknown")
+            "n_images", "n_evaluated", "n_errors", "n_excluded_unknown", "n_no_face", "faces_found")
     return {
         "run": report["run"]["id"],
         "finished": report["run"]["finished"],

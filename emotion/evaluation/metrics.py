@@ -55,9 +55,11 @@ def expected_calibration_error(bins: list[dict[str, Any]]) -> float | None:
     return float(sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in bins if b["count"]) / total)
 
 
-def _row_normalised(counts: np.ndarray) -> list[list[float] | None]:
-    """Each row divided by its sum; a row of a class with no images is None, not a row of NaN."""
-    return [(row / row.sum()).tolist() if row.sum() else None for row in counts]
+def _row_normalised(counts: np.ndarray, no_face: np.ndarray) -> list[list[float] | None]:
+    """Each row divided by its class's images (those with no face found included); a row of a
+    class with no images is None, not a row of NaN."""
+    return [(row / (row.sum() + missed)).tolist() if row.sum() + missed else None
+            for row, missed in zip(counts, no_face, strict=True)]
 
 
 def classification_metrics(
@@ -73,18 +75,26 @@ def classification_metrics(
     confusion matrix); `probs` is N x len(labels). Micro-F1 counts every prediction, including
     those of absent classes, so it equals accuracy; macro- and weighted-F1 average over the classes
     present. With no rows every score is None.
+
+    A `y_pred` of -1 (with a row of NaN in `probs`) is an image with no answer, a photo in which
+    no face was found: it is a miss for its true class in every score (accuracy, recall, F1,
+    top-2), is counted per true class in the confusion matrix's `no_face` column (normalised rows
+    then sum to 1 with it), and, having no confidence, stays out of calibration.
     """
     y_true, y_pred = np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)
     probs = np.asarray(probs, dtype=float).reshape(len(y_true), len(labels))
     ids = list(range(len(labels)))
     present = sorted(set(y_true.tolist()))
     counts = confusion_matrix(y_true, y_pred, labels=ids) if len(y_true) else np.zeros((len(ids), len(ids)), int)
+    answered = y_pred >= 0
+    no_face = np.bincount(y_true[~answered], minlength=len(ids))[: len(ids)]
     metrics: dict[str, Any] = {
         "labels": list(labels),
         "labels_present": [labels[i] for i in present],
         "absent_classes": [labels[i] for i in ids if i not in present],
         "n_evaluated": len(y_true),
-        "confusion_matrix": {"counts": counts.tolist(), "normalized": _row_normalised(counts)},
+        "confusion_matrix": {"counts": counts.tolist(), "no_face": no_face.tolist(),
+                             "normalized": _row_normalised(counts, no_face)},
     }
     if not len(y_true):
         metrics |= dict.fromkeys(("accuracy", "macro_f1", "micro_f1", "weighted_f1", "top2_accuracy", "ece"))
@@ -107,14 +117,21 @@ def classification_metrics(
         }
         for i, label in enumerate(labels)
     }
-    confidence = probs.max(axis=1)
-    bins = reliability_bins(confidence, y_true == y_pred, n_bins)
+    confidence = probs[answered].max(axis=1)
+    bins = reliability_bins(confidence, (y_true == y_pred)[answered], n_bins)
+    # -1 among the labels makes an unanswered image a false positive of "no answer", so micro-F1
+    # stays equal to accuracy.
+    micro_labels = ids if answered.all() else [*ids, -1]
+    top2 = None
+    if len(ids) > 2:
+        top2 = float(top_k_accuracy_score(y_true[answered], probs[answered], k=2, labels=ids, normalize=False)
+                     / len(y_true)) if answered.any() else 0.0
     metrics |= {
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
-        "micro_f1": float(f1_score(y_true, y_pred, labels=ids, average="micro", zero_division=0)),
+        "micro_f1": float(f1_score(y_true, y_pred, labels=micro_labels, average="micro", zero_division=0)),
         "weighted_f1": float(f1_score(y_true, y_pred, labels=present, average="weighted", zero_division=0)),
-        "top2_accuracy": float(top_k_accuracy_score(y_true, probs, k=2, labels=ids)) if len(ids) > 2 else None,
+        "top2_accuracy": top2,
         "ece": expected_calibration_error(bins),
         "reliability": bins,
     }

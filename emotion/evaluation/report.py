@@ -1,7 +1,9 @@
 """The evaluation report as one self-contained HTML page: figures and thumbnails are embedded.
 
 A person opens report.html from a bucket or an e-mail attachment; it must not fetch anything, so
-plots are base64 PNG and the gallery's thumbnails are small base64 JPEGs made here.
+plots are base64 PNG and the gallery's thumbnails are small base64 JPEGs made here. A thumbnail
+shows the crop the classifier was given (the framed face in a photo), not the file: a mistake
+on a photo is often a mistake of framing or of which face was taken.
 """
 
 import base64
@@ -9,9 +11,12 @@ import io
 from html import escape
 from typing import Any
 
-from PIL import Image, ImageOps
+import numpy as np
+from PIL import Image
 
 from emotion.evaluation.plots import confusion_heatmap, reliability_diagram
+from emotion.faces import FaceFinder
+from emotion.folders import read_many
 
 THUMBNAIL = 96
 
@@ -31,17 +36,26 @@ th:first-child,td:first-child{text-align:left} .figs{display:flex;gap:16px;flex-
 """
 
 
-def thumbnail(data: bytes, size: int = THUMBNAIL) -> str | None:
-    """A base64 JPEG no larger than size x size, or None when the bytes do not decode."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image = ImageOps.exif_transpose(image).convert("RGB")
-            image.thumbnail((size, size))
-            buffer = io.BytesIO()
-            image.save(buffer, "JPEG", quality=85)
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
+def thumbnail(pixels: np.ndarray, size: int = THUMBNAIL) -> str:
+    """A base64 JPEG of a classifier's input (HxWxC uint8), enlarged to size x size so that a
+    48-pixel face can be seen; nearest-neighbour, so the pixels shown are the pixels classified."""
+    image = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
+    buffer = io.BytesIO()
+    image.resize((size, size), Image.Resampling.NEAREST).save(buffer, "JPEG", quality=90)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def with_crops(mistakes: list[dict[str, Any]], finder: FaceFinder, faces: str) -> list[dict[str, Any]]:
+    """Each mistake with the thumbnail of the crop its prediction was made on (None when the file
+    no longer yields it): the file is read again and cut by a FaceFinder built from the settings
+    the pipeline used, which is deterministic, so the crop is the one classified."""
+    images = read_many([m["path"] for m in mistakes])
+    shown = []
+    for mistake, data in zip(mistakes, images, strict=True):
+        crops = finder.find(data, faces).crops
+        index = mistake["face_index"]
+        shown.append(mistake | {"thumbnail": thumbnail(crops[index].pixels) if index < len(crops) else None})
+    return shown
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -84,6 +98,7 @@ def _headline(result: dict[str, Any], comparison: dict[str, Any]) -> str:
         _card("top-2 accuracy", _pct(result["top2_accuracy"])),
         _card("ECE", _num(result["ece"])),
         _card("evaluated / images", f"{result['n_evaluated']} / {result['n_images']}"),
+        _card(f"faces found ({result['faces']})", _pct(result["faces_found"])),
         _card("unreadable", str(result["n_errors"])),
         _card("excluded (unknown class)", str(result["n_excluded_unknown"])),
         _card("images/s", _num(efficiency["images_per_s"], 1)),
@@ -114,6 +129,9 @@ def _notes(result: dict[str, Any]) -> str:
             f"Folder <b>{escape(name)}</b> is a class the model does not know: {info['n_images']} images "
             f"excluded from the metrics (predicted as: {spread or 'none readable'})."
         )
+    if result["n_no_face"]:
+        notes.append(f"No face found in {result['n_no_face']} images: each counts as a mistake for its "
+                     "class, and stays out of calibration (there is no confidence).")
     if result["errors"]:
         items = "".join(f"<li>{escape(e['path'])}: {escape(str(e['error']))}</li>" for e in result["errors"][:50])
         more = len(result["errors"]) - 50
@@ -148,7 +166,8 @@ def _set_section(result: dict[str, Any], comparison: dict[str, Any], mistakes: l
         f"<figcaption>Confusion matrix (row-normalised; numbers are counts)</figcaption></figure>"
         f'<figure><img alt="reliability diagram" src="data:image/png;base64,{reliability}">'
         f"<figcaption>Reliability diagram</figcaption></figure></div>"
-        f"<h3>Most confident mistakes</h3>{_gallery(mistakes)}"
+        f"<h3>Most confident mistakes <small class='muted'>(the crop the model saw)</small></h3>"
+        f"{_gallery(mistakes)}"
     )
 
 

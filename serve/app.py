@@ -1,9 +1,9 @@
 """The Ray Serve application: `serve run conf/serve.yaml`.
 
 One deployment, `Emotion`, whose replicas each do the whole request: HTTP (auth, upload limits),
-decoding, the forward pass and JSON. Every hop between deployments costs more CPU than a 48x48
-forward pass, so the model lives in the replica that parses the request rather than behind a
-second deployment.
+decoding, finding faces, the forward pass and JSON (or the annotated photo), and the page at `/`.
+Every hop between deployments costs more CPU than a 48x48 forward pass, so the model lives in the
+replica that parses the request rather than behind a second deployment.
 
 Checkpoints are loaded on demand through Serve's model multiplexing (least recently used
 evicted), and concurrent requests for one model share forward passes (`serve.batching`). Labels,
@@ -23,21 +23,27 @@ route on the model id at all; with a few models per replica that costs a load, n
 
 import asyncio
 import os
+import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import torch
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 
 import emotion
 from emotion.checkpoint import load_checkpoint
+from emotion.faces import FACE_MODES, Face, FaceConfig, FaceFinder, FacesInImage, load_face_config
 from emotion.precision import resolve_precision
 from emotion.predictor import Predictor, pick_device, prediction_record
+from emotion.preprocess import decode_upright
+from serve.annotate import LabelledFace, annotated_png
 from serve.batching import Batcher
 from serve.limits import UploadLimit
 
@@ -48,6 +54,14 @@ MULTIPLEXED_MODEL_HEADER = "serve_multiplexed_model_id"
 # client's doing. One can be a bad moment; this many in a row with no success between means the
 # replica cannot score, and its health check fails so that Serve replaces it.
 FAILED_BATCHES_BEFORE_UNHEALTHY = 3
+# The project's face detector and framing, used when `face_config` is null. Resolved in the
+# replica, against the code it runs, so a cluster's replicas read the file shipped beside them.
+DEFAULT_FACE_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "faces.yaml"
+PAGE = Path(__file__).resolve().parent / "page.html"
+# The page makes no request outside this service: its script and style are inline, the photo it
+# shows is a blob: URL made from /annotate's answer.
+PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+               "img-src blob: data:; connect-src 'self'; base-uri 'none'; form-action 'none'")
 
 
 @dataclass(frozen=True)
@@ -67,6 +81,8 @@ class Settings:
     precision: str
     threads_per_actor: int | None
     models_per_replica: int
+    faces: str
+    face_config: str | None
 
 
 # Decoding errors that mean "this is not something we can read" versus "it is an image, but broken".
@@ -89,11 +105,25 @@ class _Resident:
 
     The registry maps a model name to the holder now serving it, so /health lists what a replica
     really holds; a holder only removes its own entry, never a newer load of the same name.
+    Faces are cut at this model's input size and channels, so the finder belongs to the model.
     """
 
-    def __init__(self, name: str, predictor: Predictor, registry: dict[str, "_Resident"]) -> None:
+    def __init__(self, name: str, predictor: Predictor, face_config: FaceConfig, max_pixels: int,
+                 registry: dict[str, "_Resident"]) -> None:
         self.name, self.predictor, self.registry = name, predictor, registry
+        self.face_config, self.max_pixels = face_config, max_pixels
+        self._local = threading.local()
         registry[name] = self
+
+    def find(self, data: bytes, mode: str) -> FacesInImage:
+        """The faces in `data`, called in worker threads: each thread keeps its own `FaceFinder`,
+        since a detector is only promised to be safe when called from one thread."""
+        finder = getattr(self._local, "finder", None)
+        if finder is None:
+            checkpoint = self.predictor.checkpoint
+            finder = self._local.finder = FaceFinder(self.face_config, checkpoint.input_size, checkpoint.channels,
+                                                     self.max_pixels)
+        return finder.find(data, mode)
 
     def __del__(self) -> None:
         if self.registry.get(self.name) is self:
@@ -105,6 +135,7 @@ _PREDICT_BODY = {"content": {
                                        "properties": {"file": {"type": "string", "format": "binary"}}}},
     "image/*": {"schema": {"type": "string", "format": "binary"}},
 }, "required": True}
+_PNG_RESPONSE = {200: {"content": {"image/png": {}}, "description": "the photo with faces boxed and labelled"}}
 _PREDICT_BATCH_BODY = {"content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["files"],
     "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
@@ -132,12 +163,13 @@ class Emotion:
         self.device = pick_device(settings.device)
         self.precision = resolve_precision(settings.precision, self.device)
         self.loaded: dict[str, _Resident] = {}
+        face_config = load_face_config(settings.face_config or DEFAULT_FACE_CONFIG)
 
         async def load(name: str) -> _Resident:
             predictor = await asyncio.to_thread(
                 Predictor, settings.models[name], device=settings.device, max_pixels=settings.max_pixels,
                 precision=settings.precision)
-            return _Resident(name, predictor, self.loaded)
+            return _Resident(name, predictor, face_config, settings.max_pixels, self.loaded)
 
         # Wrapped here rather than decorated on the class because the cache size is a setting;
         # Serve 2.60 detects multiplexing wired up on the instance.
@@ -159,13 +191,18 @@ class Emotion:
         if settings.cors_origins:
             api.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                                allow_methods=["GET", "POST"], allow_headers=["*"])
-        api.add_api_route("/", self.root, methods=["GET"])
+        self.page = await asyncio.to_thread(PAGE.read_text)
+        api.add_api_route("/", self.root, methods=["GET"], response_model=None,
+                          responses={200: {"content": {"text/html": {}, "application/json": {}}}})
+        api.add_api_route("/info", self.info, methods=["GET"])
         api.add_api_route("/health", self.health, methods=["GET"])
         api.add_api_route("/models", self.models, methods=["GET"])
         api.add_api_route("/stats", self.stats, methods=["GET"])
         api.add_api_route("/predict", self.predict, methods=["POST"], openapi_extra={"requestBody": _PREDICT_BODY})
         api.add_api_route("/predict/batch", self.predict_batch, methods=["POST"],
                           openapi_extra={"requestBody": _PREDICT_BATCH_BODY})
+        api.add_api_route("/annotate", self.annotate, methods=["POST"], response_class=Response,
+                          responses=_PNG_RESPONSE, openapi_extra={"requestBody": _PREDICT_BODY})
         return api
 
     def reconfigure(self, config: dict[str, Any]) -> None:
@@ -203,6 +240,13 @@ class Emotion:
             raise HTTPException(404, f"unknown model {name!r}; available: {sorted(self.settings.models)}")
         return name
 
+    def _face_mode(self, query: str | None) -> str:
+        """`?faces=` when given, else the configured default; an unknown mode is refused by name."""
+        mode = query or self.settings.faces
+        if mode not in FACE_MODES:
+            raise HTTPException(422, f"unknown faces mode {mode!r}; known: {', '.join(FACE_MODES)}")
+        return mode
+
     async def _images(self, request: Request, many: bool) -> list[tuple[str, bytes]]:
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("multipart/form-data"):
@@ -221,25 +265,34 @@ class Emotion:
             raise HTTPException(422, "no image: send multipart field 'file' or a raw image body")
         return [("body", body)]
 
-    async def _classify(self, name: str, predictor: Predictor, data: bytes) -> dict[str, Any]:
-        decoded = await asyncio.to_thread(predictor.decode, data)
-        if decoded.error is not None:
-            error = decoded.error
+    async def _classify(self, resident: _Resident, data: bytes, mode: str) -> dict[str, Any]:
+        """One image's answer: every face, largest first, each scored, and the largest face's
+        prediction at the top level (what clients read before faces existed). Decoding and
+        detection run in a worker thread; all of the image's faces share one forward pass."""
+        found = await asyncio.to_thread(resident.find, data, mode)
+        if found.error is not None:
+            error = found.error
             if error.startswith(_TOO_MANY_PIXELS):
                 error += f" (at most {self.settings.max_pixels})"
             return {"status": "error", "error": error, "code": _decode_status(error)}
-        record = prediction_record(await self.batcher.predict(predictor, decoded.pixels), predictor.labels)
-        return {
-            "status": "ok",
-            **record,
-            # The name earlier releases answered with; kept for one release beside predicted_label.
-            "predicted_emotion": record["predicted_label"],
-            "model": name,
-            "width": decoded.width,
-            "height": decoded.height,
-        }
+        image = {"model": resident.name, "width": found.width, "height": found.height, "detected": found.detected}
+        if not found.crops:
+            return {"status": "no_face", "faces": [], **image}
+        probs = await self.batcher.predict(resident.predictor, np.stack([crop.pixels for crop in found.crops]))
+        faces = [_face_record(crop.face, row, resident.predictor.labels)
+                 for crop, row in zip(found.crops, probs, strict=True)]
+        largest = {key: value for key, value in faces[0].items() if key not in ("box", "score")}
+        return {"status": "ok", **largest, "faces": faces, **image}
 
-    async def root(self) -> dict[str, Any]:
+    async def root(self, request: Request) -> Response:
+        """The page people use (`serve/page.html`); the service's description for a client that
+        asks for JSON, as `GET /` answered before the page existed."""
+        accept = request.headers.get("accept", "")
+        if "application/json" in accept and "text/html" not in accept:
+            return JSONResponse(await self.info())
+        return HTMLResponse(self.page, headers={"Content-Security-Policy": PAGE_POLICY})
+
+    async def info(self) -> dict[str, Any]:
         """Service name and version."""
         return {"service": SERVICE, "version": emotion.__version__, "docs": "/docs"}
 
@@ -270,31 +323,58 @@ class Emotion:
         self._authorize(request)
         return {"loaded_models": sorted(self.loaded), "recent_batch_sizes": list(self.batcher.batch_sizes)[-200:]}
 
+    async def _one_image(self, request: Request, model: str | None, faces: str | None
+                         ) -> tuple[_Resident, bytes, dict[str, Any]]:
+        """The checks and answer /predict and /annotate share: the model, the image and its faces;
+        an image that cannot be read is an HTTP error with the reason."""
+        self._authorize(request)
+        name = self._model_name(request, model)
+        mode = self._face_mode(faces)
+        images = await self._images(request, many=False)
+        resident = await self.get_model(name)
+        data = images[0][1]
+        result = await self._classify(resident, data, mode)
+        if result["status"] == "error":
+            raise HTTPException(result["code"], result["error"])
+        return resident, data, result
+
     async def predict(
         self, request: Request,
         model: str | None = Query(None, description=f"model name (or header {MODEL_HEADER})"),
+        faces: str | None = Query(None, description=f"one of {', '.join(FACE_MODES)}; default from the config"),
     ) -> JSONResponse:
-        """One image (multipart field `file` or a raw body): its prediction."""
+        """One image (multipart field `file` or a raw body): every face found, largest first, and
+        the largest face's prediction at the top level (`status: no_face` when none is found)."""
         started = time.perf_counter()
-        self._authorize(request)
-        name = self._model_name(request, model)
-        images = await self._images(request, many=False)
-        resident = await self.get_model(name)
-        result = await self._classify(name, resident.predictor, images[0][1])
-        if result["status"] == "error":
-            raise HTTPException(result["code"], result["error"])
-        del result["status"]
+        _, _, result = await self._one_image(request, model, faces)
         result["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
         return JSONResponse(result)
 
-    async def predict_batch(self, request: Request, model: str | None = Query(None)) -> JSONResponse:
-        """Several images (multipart fields `files`): one result each, failures reported per item."""
+    async def annotate(
+        self, request: Request,
+        model: str | None = Query(None, description=f"model name (or header {MODEL_HEADER})"),
+        faces: str | None = Query(None, description=f"one of {', '.join(FACE_MODES)}; default from the config"),
+    ) -> Response:
+        """The same input as /predict; the upright photo as PNG with each face boxed and labelled."""
+        _, data, result = await self._one_image(request, model, faces)
+        labelled = [LabelledFace(_box(face["box"]), face["predicted_class"], face["predicted_label"],
+                                 face["confidence"]) for face in result["faces"]]
+        png = await asyncio.to_thread(_draw, data, labelled, self.settings.max_pixels)
+        return Response(png, media_type="image/png")
+
+    async def predict_batch(
+        self, request: Request, model: str | None = Query(None),
+        faces: str | None = Query(None, description=f"one of {', '.join(FACE_MODES)}; default from the config"),
+    ) -> JSONResponse:
+        """Several images (multipart fields `files`): one result each, as /predict answers it,
+        failures reported per item."""
         started = time.perf_counter()
         self._authorize(request)
         name = self._model_name(request, model)
+        mode = self._face_mode(faces)
         images = await self._images(request, many=True)
         resident = await self.get_model(name)
-        results = await asyncio.gather(*(self._classify(name, resident.predictor, data) for _, data in images))
+        results = await asyncio.gather(*(self._classify(resident, data, mode) for _, data in images))
         for (filename, _), result in zip(images, results, strict=True):
             result["filename"] = filename
             result.pop("code", None)
@@ -302,18 +382,48 @@ class Emotion:
                              "latency_ms": round((time.perf_counter() - started) * 1000, 2)})
 
 
+def _face_record(face: Face | None, probs: np.ndarray, labels: tuple[str, ...]) -> dict[str, Any]:
+    """One face in the answer: its box in the upright photo's pixels and the detector's score
+    (both null when the whole image was taken as the face), and its prediction record."""
+    record = prediction_record(probs, labels)
+    return {
+        "box": None if face is None else {"x": face.x, "y": face.y, "w": face.w, "h": face.h},
+        "score": None if face is None else face.score,
+        **record,
+        # The name earlier releases answered with; kept for one release beside predicted_label.
+        "predicted_emotion": record["predicted_label"],
+    }
+
+
+def _box(box: dict[str, int] | None) -> tuple[int, int, int, int] | None:
+    return None if box is None else (box["x"], box["y"], box["w"], box["h"])
+
+
+def _draw(data: bytes, faces: list[LabelledFace], max_pixels: int) -> bytes:
+    """The annotated PNG, in a worker thread: the photo is decoded again at full size and in
+    colour, which the classifier's crops never needed."""
+    decoded = decode_upright(data, 3, max_pixels)
+    if decoded.pixels is None:
+        raise RuntimeError(f"an image decoded for its faces could not be decoded again: {decoded.error}")
+    return annotated_png(decoded.pixels, faces)
+
+
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Application builder named in conf/serve.yaml; `args` become `Settings`.
 
     The bearer token may come from the EMOTION_API_TOKEN environment variable, so that it need
-    not be written into a config file. Every checkpoint is read once here, so that a wrong path
-    fails the deployment rather than a request; nothing read is passed on.
+    not be written into a config file. Every checkpoint and the face config are read once here,
+    so that a wrong path or a bad `faces` fails the deployment rather than a request; nothing
+    read is passed on.
     """
     settings = Settings(**args)
     if not settings.auth_token and os.environ.get("EMOTION_API_TOKEN"):
         settings = Settings(**(args | {"auth_token": os.environ["EMOTION_API_TOKEN"]}))
     if settings.default_model not in settings.models:
         raise ValueError(f"default_model {settings.default_model!r} is not one of models: {sorted(settings.models)}")
+    if settings.faces not in FACE_MODES:
+        raise ValueError(f"faces {settings.faces!r} is not one of {', '.join(FACE_MODES)}")
+    load_face_config(settings.face_config or DEFAULT_FACE_CONFIG)
     for path in settings.models.values():
         load_checkpoint(path)
     return Emotion.bind(settings)

@@ -5,6 +5,9 @@ import asyncio
 import copy
 import subprocess
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -22,7 +25,8 @@ from tests.images import decompression_bomb, jpeg
 from tests.services import BIN, ROOT, free_port
 
 TOKEN = "s3cret-token"
-PIXELS = np.zeros((48, 48, 1), dtype=np.uint8)
+# One request's images: a single 48x48 face.
+PIXELS = np.zeros((1, 48, 48, 1), dtype=np.uint8)
 
 
 class FakeModel:
@@ -67,7 +71,7 @@ def test_a_lone_request_runs_at_once_in_a_batch_of_its_own():
     batcher, model = Batcher(max_batch_size=32), FakeModel()
 
     async def one_client() -> list[float]:
-        return [float((await batcher.predict(model, PIXELS))[0]) for _ in range(5)]
+        return [float((await batcher.predict(model, PIXELS))[0, 0]) for _ in range(5)]
 
     answers, timers = run_counting_timers(one_client())
     assert model.batches == [1, 1, 1, 1, 1] and answers == [1.0] * 5
@@ -85,11 +89,33 @@ def test_requests_arriving_during_a_pass_share_the_next_one_up_to_the_batch_size
         rest = [asyncio.ensure_future(batcher.predict(model, PIXELS)) for _ in range(6)]
         await asyncio.sleep(0)
         model.release.set()
-        return [float(row[0]) for row in await asyncio.gather(first, *rest)]
+        return [float(rows[0, 0]) for rows in await asyncio.gather(first, *rest)]
 
     answers, _ = run_counting_timers(burst())
     assert model.batches == [1, 4, 2]
     assert answers == [1.0, 4.0, 4.0, 4.0, 4.0, 2.0, 2.0]
+
+
+def test_a_photos_faces_share_one_pass_and_are_never_split():
+    """Requests of 3, 2, 5 and 1 faces arriving during a pass, batches of at most 4 images: the
+    3 runs alone (3 + 2 > 4), the 2, then the 5 alone though larger than 4, then the 1."""
+    batcher, model = Batcher(max_batch_size=4), FakeModel()
+    model.release.clear()
+    faces = [np.zeros((n, 48, 48, 1), dtype=np.uint8) for n in (3, 2, 5, 1)]
+
+    async def burst() -> list[np.ndarray]:
+        first = asyncio.ensure_future(batcher.predict(model, PIXELS))
+        await asyncio.to_thread(model.started.wait, 10)
+        rest = [asyncio.ensure_future(batcher.predict(model, pixels)) for pixels in faces]
+        await asyncio.sleep(0)
+        model.release.set()
+        return await asyncio.gather(first, *rest)
+
+    answers, _ = run_counting_timers(burst())
+    assert model.batches == [1, 3, 2, 5, 1]
+    assert [rows.shape for rows in answers] == [(1, 7), (3, 7), (2, 7), (5, 7), (1, 7)]
+    assert [float(rows[0, 0]) for rows in answers] == [1.0, 3.0, 2.0, 5.0, 1.0]
+    assert list(batcher.batch_sizes) == [1, 3, 2, 5, 1]
 
 
 def test_each_model_gets_its_own_batches():
@@ -151,49 +177,71 @@ def wait_ready(url: str, headers: dict | None = None, timeout: float = 180) -> N
     raise RuntimeError("serve application did not become ready")
 
 
+def serve_config(**args: object) -> dict:
+    """conf/serve.yaml with `args` over its application's args, on a free loopback port, with one
+    small replica (the tests share a 2-CPU head) batching up to 16 images."""
+    config = yaml.safe_load((ROOT / "conf" / "serve.yaml").read_text())
+    config["http_options"] = {"host": "127.0.0.1", "port": free_port()}
+    app = config["applications"][0]
+    app["args"].update(args)
+    (deployment,) = app["deployments"]
+    deployment.update(autoscaling_config={"min_replicas": 1, "max_replicas": 1},
+                      ray_actor_options={"num_cpus": 0.25},
+                      user_config={"max_batch_size": 16})
+    return config
+
+
+@contextmanager
+def deployed(cluster, config: dict, folder: Path) -> Iterator[str]:
+    """`config` deployed with `serve deploy` until the block ends; the service's base URL."""
+    deploy(cluster, config, folder / "serve.yaml")
+    try:
+        url = f"http://127.0.0.1:{config['http_options']['port']}"
+        wait_ready(url)
+        yield url
+    finally:
+        subprocess.run([str(BIN / "serve"), "shutdown", "-y", "--address", cluster.dashboard_url],
+                       env=cluster.env(), capture_output=True, timeout=120)
+
+
 @pytest.fixture(scope="module")
 def service(ray_cluster, tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve")
     save_checkpoint(tiny_checkpoint(seed=1, name="alpha"), folder / "alpha.pt")
     save_checkpoint(tiny_checkpoint(seed=2, name="beta"), folder / "beta.pt")
-    port = free_port()
-    config = yaml.safe_load((ROOT / "conf" / "serve.yaml").read_text())
-    config["http_options"] = {"host": "127.0.0.1", "port": port}
-    app = config["applications"][0]
-    app["args"].update(models={"alpha": str(folder / "alpha.pt"), "beta": str(folder / "beta.pt")},
-                       default_model="alpha", max_upload_bytes=1_000_000, auth_token=TOKEN,
-                       cors_origins=["https://app.example"], precision="fp32")
-    (deployment,) = app["deployments"]
-    deployment.update(autoscaling_config={"min_replicas": 1, "max_replicas": 1},
-                      ray_actor_options={"num_cpus": 0.25},
-                      user_config={"max_batch_size": 16})
+    config = serve_config(models={"alpha": str(folder / "alpha.pt"), "beta": str(folder / "beta.pt")},
+                          default_model="alpha", max_upload_bytes=1_000_000, auth_token=TOKEN,
+                          cors_origins=["https://app.example"], precision="fp32")
     # A second application with a tiny queue, to observe backpressure.
-    tight = copy.deepcopy(app)
+    tight = copy.deepcopy(config["applications"][0])
     tight.update(name="tight", route_prefix="/tight")
     tight["args"].update(auth_token=None, models_per_replica=1)
     tight["deployments"][0].update(max_ongoing_requests=1, max_queued_requests=1,
                                    user_config={"max_batch_size": 1})
     config["applications"].append(tight)
-    deploy(ray_cluster, config, folder / "serve.yaml")
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(url)
-    yield {"url": url, "alpha": folder / "alpha.pt", "beta": folder / "beta.pt"}
-    subprocess.run([str(BIN / "serve"), "shutdown", "-y", "--address", ray_cluster.dashboard_url],
-                   env=ray_cluster.env(), capture_output=True, timeout=120)
+    with deployed(ray_cluster, config, folder) as url:
+        yield {"url": url, "alpha": folder / "alpha.pt", "beta": folder / "beta.pt"}
 
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.mark.slow
-def test_root_health_and_docs(service):
-    root = httpx.get(service["url"] + "/").json()
-    assert root["service"] == "emotion-ray" and root["version"]
+def test_page_info_health_and_docs(service):
+    info = httpx.get(service["url"] + "/info").json()
+    assert info["service"] == "emotion-ray" and info["version"]
+    assert httpx.get(service["url"] + "/", headers={"Accept": "application/json"}).json() == info
+    for accept in ("text/html,application/xhtml+xml,*/*;q=0.8", "*/*"):
+        page = httpx.get(service["url"] + "/", headers={"Accept": accept})
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert 'id="file"' in page.text and 'id="token"' in page.text
+        assert "default-src 'none'" in page.headers["content-security-policy"]
+        assert "http://" not in page.text and "https://" not in page.text, "the page loads nothing from elsewhere"
     health = httpx.get(service["url"] + "/health").json()
     assert health["status"] == "ok" and health["device"] == "cpu"
     assert health["models"] == ["alpha", "beta"] and "alpha" in health["loaded_models"]
     spec = httpx.get(service["url"] + "/openapi.json").json()
-    assert {"/predict", "/predict/batch", "/models", "/health", "/"} <= set(spec["paths"])
+    assert {"/predict", "/predict/batch", "/annotate", "/models", "/health", "/", "/info"} <= set(spec["paths"])
     assert httpx.get(service["url"] + "/docs").status_code == 200
 
 

@@ -45,6 +45,8 @@ class Checkpoint:
     recipe: dict[str, Any] = dataclasses.field(default_factory=dict)
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
     test_time_flip: bool = True
+    # Logits are divided by this before the softmax (emotion.calibration); 1.0: as trained.
+    temperature: float = 1.0
     num_params: int = 0
     created: str = ""
 

@@ -108,13 +108,22 @@ class Predictor:
         With `test_time_flip` set in the checkpoint, an image whose top two probabilities are
         within `flip_margin` also goes through the network mirrored and the logits are averaged
         (see `emotion.flip`): the accuracy of mirroring every image for less of the cost.
+        The probabilities are the softmax of the logits divided by the checkpoint's `temperature`
+        (fitted on validation faces, see `emotion.calibration`), so that a confidence of 0.8 is
+        right about 80% of the time; the predicted class is the same at any temperature.
         """
+        logits = self.predict_logits(pixels)
+        return torch.softmax(logits / self.checkpoint.temperature, dim=1).numpy()
+
+    @torch.inference_mode()
+    def predict_logits(self, pixels: np.ndarray) -> torch.Tensor:
+        """N x H x W x C uint8 pixels to N x classes float32 logits on the CPU, flip-averaged as in
+        `predict_pixels` but before any temperature: what calibration is fitted on."""
         if len(pixels) == 0:
-            return np.zeros((0, len(self.labels)), dtype=np.float32)
+            return torch.zeros((0, len(self.labels)), dtype=torch.float32)
         ckpt = self.checkpoint
         batch = torch.from_numpy(normalize(pixels, ckpt.mean, ckpt.std)).to(self.device, self.dtype)
-        logits = flip_averaged_logits(self._forward, batch, self.flip_margin)
-        return torch.softmax(logits, dim=1).cpu().numpy()
+        return flip_averaged_logits(self._forward, batch, self.flip_margin).cpu()
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         step = CPU_MICRO_BATCH if self.device.type == "cpu" else max(len(batch), 1)

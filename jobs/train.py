@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     best = saved.metrics["validation"]
     print(
         f"wrote {args.output}: epoch {best['epoch']}, val accuracy {best['val_accuracy']:.4f}, "
-        f"macro-F1 {best['val_macro_f1']:.4f}, {saved.num_params} parameters; "
+        f"macro-F1 {best['val_macro_f1']:.4f}, {saved.num_params} parameters, temperature {saved.temperature:.3f} "
+        f"(expected calibration error {best['val_ece_uncalibrated']:.4f} -> {best['val_ece']:.4f}); "
         f"per-epoch metrics in {metrics_csv_uri(args.output)}"
     )
     if not result.metrics.get("done", True):

@@ -55,6 +55,8 @@ def test_ray_train_writes_a_checkpoint_that_loads_and_predicts(tmp_path):
     assert 0 <= checkpoint.metrics["validation"]["val_accuracy"] <= 1
     assert set(checkpoint.metrics["validation"]["per_class"]) >= set(LABELS)
     assert "stratified 25% split" in checkpoint.trained_on
+    assert checkpoint.temperature == checkpoint.metrics["validation"]["temperature"] > 0
+    assert "temperature" in result.stdout and "expected calibration error" in result.stdout
     # The data is named by its last two path parts: the checkpoint holds nothing of this machine's layout.
     assert checkpoint.recipe["train"] == f"{tmp_path.name}/train" and str(tmp_path) not in checkpoint.trained_on
     probs = Predictor(output, device="cpu").predict_pixels(np.zeros((2, 48, 48, 1), np.uint8))

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import classification_report, f1_score
 
+from emotion.calibration import calibration_error, fit_temperature
 from emotion.checkpoint import new_checkpoint, save_checkpoint
 from emotion.flip import flip_averaged_logits
 from emotion.labels import LABELS
@@ -57,16 +58,28 @@ class Progress:
 def evaluate(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str, batch_size: int = 512
 ) -> tuple[float, np.ndarray]:
-    """Mean loss and flip-averaged predictions, exactly as Predictor computes them."""
+    """Mean loss and flip-averaged logits (N x classes, on the CPU), exactly as Predictor computes
+    them."""
     model.eval()
-    losses, preds = [], []
+    losses, outputs = [], []
     for start in range(0, len(x), batch_size):
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
         with autocast(precision, xb.device):
             logits = flip_averaged_logits(model, xb)
         losses.append(F.cross_entropy(logits, yb, reduction="sum").item())
-        preds.append(logits.argmax(1).cpu().numpy())
-    return sum(losses) / len(x), np.concatenate(preds)
+        outputs.append(logits.float().cpu().numpy())
+    return sum(losses) / len(x), np.concatenate(outputs)
+
+
+def calibration(logits: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """The temperature fitted on validation logits, and the expected calibration error of the
+    validation probabilities before and after it."""
+    temperature = fit_temperature(logits, truth)
+    return {
+        "temperature": temperature,
+        "val_ece": calibration_error(logits, truth, temperature),
+        "val_ece_uncalibrated": calibration_error(logits, truth, 1.0),
+    }
 
 
 def write_metrics_csv(history: list[dict[str, float]], uri: str) -> None:
@@ -182,8 +195,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             total_loss += loss.item() * len(idx)
             correct += (logits.argmax(1) == yb).sum().item()
         seconds = time.perf_counter() - started
-        val_loss, val_pred = evaluate(model, x_val, y_val, precision)
-        truth = val.targets
+        val_loss, val_logits = evaluate(model, x_val, y_val, precision)
+        val_pred, truth = val_logits.argmax(axis=1), val.targets
         metrics = {
             "epoch": epoch,
             "train_loss": total_loss / len(mine),
@@ -230,6 +243,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             best_file = Path(tmp) / CHECKPOINT_FILE
             if improved:
                 validation = cfg.validation and portable_name(cfg.validation)
+                calibrated = calibration(val_logits, truth)
                 report = classification_report(
                     truth, val_pred, labels=range(len(LABELS)), target_names=list(LABELS),
                     output_dict=True, zero_division=0,
@@ -248,8 +262,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     f"{validation or f'a stratified {cfg.val_fraction:.0%} split'} ({len(y_val)} images)",
                     recipe=asdict(cfg) | {"train": portable_name(cfg.train), "validation": validation,
                                           "precision": precision, "workers": world},
-                    metrics={"validation": metrics | {"per_class": report}},
+                    metrics={"validation": metrics | calibrated | {"per_class": report}},
                     test_time_flip=True,
+                    temperature=calibrated["temperature"],
                 )
                 save_checkpoint(best, best_file)
                 progress.best_model = best_file.read_bytes()

@@ -338,9 +338,13 @@ def _reconcile(job: ScoreJob, rows: pd.DataFrame) -> pd.DataFrame:
     for file, paths in drop.items():
         with fs.open(file, "rb") as f:
             table = pq.read_table(f)
-        keep = pyarrow.compute.invert(pyarrow.compute.is_in(table.column("path"), pyarrow.array(sorted(paths))))
-        with fs.open(file, "wb") as f:
-            pq.write_table(table.filter(keep), f)
+        keep = table.filter(pyarrow.compute.invert(pyarrow.compute.is_in(table.column("path"),
+                                                                         pyarrow.array(sorted(paths)))))
+        if keep.num_rows:
+            with fs.open(file, "wb") as f:
+                pq.write_table(keep, f)
+        else:
+            fs.rm_file(file)
         log.warning("removed the rows of %d files left duplicated or incomplete by an interrupted run from %s",
                     len(paths), file)
     return _output_rows(job) if drop else rows

@@ -12,9 +12,11 @@ from torch import nn
 
 from emotion.checkpoint import Checkpoint, load_checkpoint
 from emotion.flip import FLIP_MARGIN, flip_averaged_logits
+from emotion.portable import OnnxNetwork, export_bytes
 from emotion.precision import resolve_precision
 from emotion.preprocess import DEFAULT_MAX_PIXELS, Decoded, decode_image, normalize
 
+BACKENDS = ("torch", "onnxruntime")
 # Forward passes on CPU go through the network in slices of this many images, so the activations
 # of a slice stay in the cache between layers (measured in docs/benchmarks.md).
 CPU_MICRO_BATCH = 16
@@ -68,6 +70,10 @@ class Predictor:
     The loaded network is prepared for inference only: batch norms are folded into the
     convolutions before them and, in bfloat16, the weights are cast once rather than on every
     call. `model` is that prepared network; `checkpoint.build()` gives the trainable one.
+
+    `backend="onnxruntime"` runs the same checkpoint exported to ONNX (`emotion.portable`) in
+    ONNX Runtime instead, in float32 on the CPU; decoding, mirroring and the temperature are this
+    class's either way, so the two backends differ only in the network's arithmetic.
     """
 
     def __init__(
@@ -77,16 +83,26 @@ class Predictor:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         precision: str = "auto",
         flip_margin: float = FLIP_MARGIN,
+        backend: str = "torch",
     ) -> None:
         self.checkpoint = (
             checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
         )
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+        self.backend = backend
         self.device = pick_device(device)
-        self.precision = resolve_precision(precision, self.device)
         self.max_pixels = max_pixels
         self.flip_margin = flip_margin if self.checkpoint.test_time_flip else 0.0
-        self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-        self.model = _inference_network(self.checkpoint.build(), self.device, self.dtype)
+        if backend == "onnxruntime":
+            if self.device.type != "cpu" or precision not in ("auto", "fp32"):
+                raise ValueError("the onnxruntime backend runs float32 on the CPU: device cpu, precision auto or fp32")
+            self.precision, self.dtype = "fp32", torch.float32
+            self.model = OnnxNetwork(export_bytes(self.checkpoint), threads=torch.get_num_threads())
+        else:
+            self.precision = resolve_precision(precision, self.device)
+            self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+            self.model = _inference_network(self.checkpoint.build(), self.device, self.dtype)
 
     @property
     def labels(self) -> tuple[str, ...]:

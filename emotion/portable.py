@@ -1,0 +1,111 @@
+"""A checkpoint as an ONNX graph, and that graph run by ONNX Runtime.
+
+The graph holds the network alone (pixels normalised as the checkpoint says, in; logits out), with
+a dynamic batch axis. Everything around it stays where it is for the PyTorch path: decoding and
+normalisation before it, test-time mirroring and the temperature after it (`emotion.predictor`),
+so both backends give the same probabilities by construction, and a reader in another language
+finds in the graph's metadata what it needs to do the same (labels, input size, channels,
+mean/std, temperature, whether to mirror).
+
+onnx, onnxscript and onnxruntime are an optional extra (`pip install emotion-ray[onnx]`) and are
+imported only here, when a graph is exported or run.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from emotion.checkpoint import Checkpoint
+
+# The lowest opset whose operators the exporter emits for every architecture we build; ONNX
+# Runtime supports it everywhere.
+OPSET = 18
+INPUT, OUTPUT = "pixels", "logits"
+
+
+def metadata(checkpoint: Checkpoint) -> dict[str, str]:
+    """The facts a consumer needs around the graph, as ONNX metadata props (string values; lists
+    and numbers as JSON)."""
+    facts = {
+        "labels": list(checkpoint.labels),
+        "input_size": checkpoint.input_size,
+        "channels": checkpoint.channels,
+        "mean": list(checkpoint.mean),
+        "std": list(checkpoint.std),
+        "temperature": checkpoint.temperature,
+        "test_time_flip": checkpoint.test_time_flip,
+        "arch": checkpoint.arch,
+        "arch_kwargs": checkpoint.arch_kwargs,
+        "name": checkpoint.name,
+    }
+    return {key: json.dumps(value) for key, value in facts.items()}
+
+
+def export_bytes(checkpoint: Checkpoint, opset: int = OPSET) -> bytes:
+    """The checkpoint's network as a serialised ONNX model (float32, dynamic batch axis), its
+    metadata props filled from the checkpoint."""
+    import onnx
+
+    model = checkpoint.build().float().eval()
+    example = torch.zeros(2, checkpoint.channels, checkpoint.input_size, checkpoint.input_size)
+    program = torch.onnx.export(
+        model,
+        (example,),
+        input_names=[INPUT],
+        output_names=[OUTPUT],
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        opset_version=opset,
+        dynamo=True,
+        verbose=False,
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.onnx"
+        program.save(str(path))
+        graph = onnx.load(str(path))
+    for key, value in metadata(checkpoint).items():
+        graph.metadata_props.add(key=key, value=value)
+    return graph.SerializeToString()
+
+
+def max_difference(checkpoint: Checkpoint, graph: bytes, batch: int = 64, seed: int = 0) -> float:
+    """The largest absolute difference between the logits of the PyTorch network (float32) and
+    of `graph` under ONNX Runtime, on a batch of random normalised inputs."""
+    size, channels = checkpoint.input_size, checkpoint.channels
+    x = np.random.default_rng(seed).normal(0, 1, (batch, channels, size, size)).astype(np.float32)
+    with torch.inference_mode():
+        expected = checkpoint.build().float().eval()(torch.from_numpy(x)).numpy()
+    got = OnnxNetwork(graph)(torch.from_numpy(x)).numpy()
+    return float(np.abs(expected - got).max())
+
+
+def read_metadata(graph: bytes) -> dict[str, Any]:
+    """The metadata props of a serialised ONNX model, decoded from JSON."""
+    import onnx
+
+    return {prop.key: json.loads(prop.value) for prop in onnx.load_from_string(graph).metadata_props}
+
+
+class OnnxNetwork:
+    """A serialised ONNX graph behind the same call as a PyTorch network: a float32 N x C x H x W
+    tensor in, float32 logits out on the CPU. `threads` bounds ONNX Runtime's intra-op pool, as
+    torch's thread count does for the PyTorch backend (None: ONNX Runtime's default)."""
+
+    def __init__(self, graph: bytes, threads: int | None = None) -> None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        self.session = onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        pixels = batch.detach().to("cpu", torch.float32).contiguous().numpy()
+        (logits,) = self.session.run([OUTPUT], {INPUT: pixels})
+        return torch.from_numpy(logits)

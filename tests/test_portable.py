@@ -1,0 +1,89 @@
+"""ONNX export and the onnxruntime backend: the graph carries the checkpoint's facts, any batch
+size runs, and the probabilities match PyTorch's float32 path, mirroring and temperature included."""
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from emotion.checkpoint import load_checkpoint, new_checkpoint, save_checkpoint
+from emotion.labels import LABELS
+from emotion.models import build_model
+from emotion.portable import OnnxNetwork, export_bytes, max_difference, read_metadata
+from emotion.predictor import Predictor
+from tests.conftest import tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def faces(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 48, 48, 1), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def default_graph() -> bytes:
+    return export_bytes(load_checkpoint())
+
+
+def test_the_graph_carries_what_a_consumer_needs_around_it(default_graph):
+    checkpoint = load_checkpoint()
+    facts = read_metadata(default_graph)
+    assert facts["labels"] == list(LABELS) and facts["input_size"] == 48 and facts["channels"] == 1
+    assert facts["mean"] == list(checkpoint.mean) and facts["std"] == list(checkpoint.std)
+    assert facts["temperature"] == checkpoint.temperature != 1.0
+    assert facts["test_time_flip"] is True and facts["arch"] == "emotion_cnn"
+
+
+@pytest.mark.parametrize("batch", [1, 37])
+def test_the_batch_axis_is_dynamic(default_graph, batch):
+    network = OnnxNetwork(default_graph)
+    assert network(torch.zeros(batch, 1, 48, 48)).shape == (batch, len(LABELS))
+
+
+def test_default_model_logits_match_pytorch(default_graph):
+    assert max_difference(load_checkpoint(), default_graph) < 1e-4
+
+
+def test_a_torchvision_architecture_exports_and_matches():
+    torch.manual_seed(0)
+    model = build_model("resnet18", len(LABELS), 1).eval()
+    checkpoint = new_checkpoint(model, arch="resnet18", arch_kwargs={}, labels=LABELS, input_size=48, channels=1,
+                                mean=(0.5,), std=(0.25,), name="resnet")
+    assert max_difference(checkpoint, export_bytes(checkpoint), batch=8) < 1e-3
+
+
+def test_onnxruntime_backend_gives_the_torch_probabilities_with_mirroring_and_temperature():
+    torch_fp32 = Predictor(precision="fp32")
+    onnx = Predictor(backend="onnxruntime")
+    assert onnx.checkpoint.test_time_flip and onnx.checkpoint.temperature != 1.0
+    pixels = faces(70)
+    assert np.abs(onnx.predict_pixels(pixels) - torch_fp32.predict_pixels(pixels)).max() < 1e-4
+    assert onnx.predict_bytes([b"not an image"])[0]["error"] == "not an image"
+
+
+def test_backend_choices_are_checked():
+    with pytest.raises(ValueError, match="backend must be one of torch, onnxruntime"):
+        Predictor(tiny_checkpoint(), backend="tensorrt")
+    with pytest.raises(ValueError, match="float32 on the CPU"):
+        Predictor(tiny_checkpoint(), backend="onnxruntime", precision="bf16")
+
+
+def test_export_command_checks_parity_writes_and_never_replaces_silently(tmp_path):
+    model = tmp_path / "tiny.pt"
+    save_checkpoint(dataclasses.replace(tiny_checkpoint(), temperature=1.7), model)
+    out = tmp_path / "tiny.onnx"
+    command = [sys.executable, "-m", "jobs.export", "--model", str(model), "--output", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "max |logit difference| against PyTorch float32" in done.stdout
+    assert read_metadata(out.read_bytes())["temperature"] == 1.7
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 2 and "exists: pass --overwrite" in again.stderr
+    assert subprocess.run([*command, "--overwrite"], cwd=ROOT, capture_output=True).returncode == 0
+    missing = subprocess.run([*command[:4], str(tmp_path / "nope.pt"), "--output", str(tmp_path / "x.onnx")],
+                             cwd=ROOT, capture_output=True, text=True)
+    assert missing.returncode == 2 and missing.stderr.startswith("error:") and missing.stderr.count("\n") == 1

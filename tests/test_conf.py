@@ -12,7 +12,10 @@ from jobs.pipeline import PipelineConfig, pipeline_config
 from serve.app import Settings
 
 PARSERS = {
-    "score": score.build_parser, "evaluate": evaluate.build_parser, "train": train.build_parser, "export": export.build_parser
+    "score": score.build_parser,
+    "evaluate": evaluate.build_parser,
+    "train": train.build_parser,
+    "export": export.build_parser,
 }
 PIPELINES = ("score", "evaluate")
 # Flags that choose what to run rather than how: no default to keep anywhere.

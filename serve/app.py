@@ -324,9 +324,9 @@ class Emotion:
         return {"loaded_models": sorted(self.loaded), "recent_batch_sizes": list(self.batcher.batch_sizes)[-200:]}
 
     async def _one_image(self, request: Request, model: str | None, faces: str | None
-                         ) -> tuple[_Resident, bytes, dict[str, Any]]:
-        """The checks and answer /predict and /annotate share: the model, the image and its faces;
-        an image that cannot be read is an HTTP error with the reason."""
+                         ) -> tuple[bytes, dict[str, Any]]:
+        """The checks and answer /predict and /annotate share: the image and its answer; an image
+        that cannot be read is an HTTP error with the reason."""
         self._authorize(request)
         name = self._model_name(request, model)
         mode = self._face_mode(faces)
@@ -336,7 +336,7 @@ class Emotion:
         result = await self._classify(resident, data, mode)
         if result["status"] == "error":
             raise HTTPException(result["code"], result["error"])
-        return resident, data, result
+        return data, result
 
     async def predict(
         self, request: Request,
@@ -346,7 +346,7 @@ class Emotion:
         """One image (multipart field `file` or a raw body): every face found, largest first, and
         the largest face's prediction at the top level (`status: no_face` when none is found)."""
         started = time.perf_counter()
-        _, _, result = await self._one_image(request, model, faces)
+        _, result = await self._one_image(request, model, faces)
         result["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
         return JSONResponse(result)
 
@@ -356,7 +356,7 @@ class Emotion:
         faces: str | None = Query(None, description=f"one of {', '.join(FACE_MODES)}; default from the config"),
     ) -> Response:
         """The same input as /predict; the upright photo as PNG with each face boxed and labelled."""
-        _, data, result = await self._one_image(request, model, faces)
+        data, result = await self._one_image(request, model, faces)
         labelled = [LabelledFace(_box(face["box"]), face["predicted_class"], face["predicted_label"],
                                  face["confidence"]) for face in result["faces"]]
         png = await asyncio.to_thread(_draw, data, labelled, self.settings.max_pixels)

@@ -357,6 +357,14 @@ def test_kuberay_manifest_runs_the_nightly_config():
     assert "{run_id}" in args.output and args.baseline and args.tolerance > 0
 
 
+def test_a_set_may_choose_its_own_faces_mode():
+    assert evaluate._split_input("tw:detect=s3://b/k=v") == ("tw", "detect", "s3://b/k=v")
+    assert evaluate._split_input("fer=/data/fer") == ("fer", None, "/data/fer")
+    for spec in ("tw:=/data", ":detect=/data"):
+        with pytest.raises(evaluate.UsageError, match="expected NAME=PATH_OR_S3 or NAME:MODE=PATH_OR_S3"):
+            evaluate._split_input(spec)
+
+
 def test_input_flags_replace_the_configs_sets():
     _, args = evaluate.parse_args(["--conf", "nightly", "--input", "one=/data/one"])
     assert args.input == ["one=/data/one"] and args.history.startswith("s3://")

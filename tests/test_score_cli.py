@@ -36,6 +36,7 @@ def faces(tmp_path):
         (["--gpus-per-actor", "-1"], "error: --gpus-per-actor must be zero or more, not -1.0"),
         (["--min-actors", "3", "--max-actors", "2"], "error: --min-actors 3 is larger than --max-actors 2"),
         (["--min-actors", "3"], "error: --min-actors and --max-actors go together"),
+        (["--faces", "some"], "error: --faces some: expected one of whole, detect, auto"),
     ],
 )
 def test_bad_flags_fail_fast_with_one_line(tmp_path, faces, tiny_checkpoint_path, args, message):

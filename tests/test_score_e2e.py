@@ -14,7 +14,8 @@ from tests.images import bad_input_corpus, jpeg
 pytestmark = pytest.mark.slow
 PROB_COLUMNS = [f"prob_{label}" for label in LABELS]
 SCHEMA = ["path", "status", "error", "predicted_label", "predicted_class", "confidence",
-          *PROB_COLUMNS, "width", "height", "model"]
+          *PROB_COLUMNS, "width", "height", "model",
+          "face_index", "box_x", "box_y", "box_w", "box_h", "face_score", "faces_in_image"]
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +26,11 @@ def model_path(tmp_path_factory):
 
 
 def check_accounted(df: pd.DataFrame, expected: dict[str, str | None], root: str) -> None:
-    """Each expected file exactly once, errors where expected, probabilities where not."""
+    """Each expected file exactly once (each is one face: a tight crop, or any image under
+    `--faces whole`), errors where expected, probabilities where not."""
     assert list(df.columns) == SCHEMA
     assert df["path"].is_unique
+    assert (df["face_index"] == 0).all() and df["box_x"].isna().all()
     assert sorted(df["path"]) == sorted(f"{root}/{rel}" for rel in expected)
     for _, row in df.iterrows():
         error = expected[row["path"][len(root) + 1:]]
@@ -39,6 +42,7 @@ def check_accounted(df: pd.DataFrame, expected: dict[str, str | None], root: str
             assert row["predicted_label"] == LABELS[probs.argmax()]
             assert row["predicted_class"] == probs.argmax()
             assert row["confidence"] == pytest.approx(probs.max())
+            assert row["faces_in_image"] == 1
         else:
             assert (row["status"], row["error"]) == ("error", error), row["path"]
             assert pd.isna(row["confidence"]) and row["predicted_class"] == -1
@@ -47,16 +51,19 @@ def check_accounted(df: pd.DataFrame, expected: dict[str, str | None], root: str
 def test_bad_input_corpus_through_job_submit(ray_cluster, tmp_path, model_path):
     expected = bad_input_corpus(tmp_path / "in")
     out = tmp_path / "out"
+    # Whole: every kind of image decoded as the face it is taken to be, as before face detection.
     result = ray_cluster.submit("python", "-m", "jobs.score", "--input", str(tmp_path / "in"),
-                                "--output", str(out), "--model", str(model_path))
+                                "--output", str(out), "--model", str(model_path), "--faces", "whole")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "wrote 16 rows (11 ok, 5 error)" in result.stdout
+    assert "wrote 16 rows for 16 files (11 faces, 0 files without a face, 5 error)" in result.stdout
     df = pd.read_parquet(out)
     check_accounted(df, expected, str(tmp_path / "in"))
     assert df.set_index("path").loc[str(tmp_path / "in/modes/photo 4000x3000.jpg"), "width"] == 4000
     assert df.set_index("path").loc[str(tmp_path / "in/modes/rotated.jpg"), ["width", "height"]].tolist() == [30, 60]
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["rows"] == {"total": 16, "ok": 11, "error": 5}
+    assert manifest["files"] == {"total": 16, "with_faces": 11, "no_face": 0, "error": 5}
+    assert manifest["faces"]["mode"] == "whole"
     assert manifest["model"]["name"] == "tiny" and len(manifest["model"]["sha256"]) == 64
     assert not (out / "_checkpoint").exists()
 
@@ -75,6 +82,7 @@ def test_s3_input_and_output(ray_cluster, s3, tmp_path, model_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     fs = s3fs.S3FileSystem(endpoint_url=s3.endpoint_url, key="testing", secret="testing")
     manifest = json.loads(fs.cat("faces/preds/_manifest.json"))
+    assert manifest["faces"]["mode"] == "auto", "the default; 48x48 crops are taken whole"
     assert manifest["rows"] == {"total": 13, "ok": 12, "error": 1}
     assert manifest["model"]["uri"] == "s3://models/tiny.pt"
     files = [f for f in fs.find("faces/preds") if f.endswith(".parquet")]

@@ -213,7 +213,7 @@ def _waiting_work() -> str:
 
 
 class Progress:
-    """The driver's watch over a run: a log line every `interval` seconds (files done, files/s,
+    """The driver's watch over a run: a log line every `interval` seconds (files done, images/s,
     ETA) and, when no row is scored for `stall_timeout` seconds while work remains, a failure
     naming what Ray reports as waiting, instead of a job that hangs unnoticed."""
 

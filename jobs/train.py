@@ -22,6 +22,7 @@ from emotion.checkpoint import CheckpointError, load_checkpoint
 from emotion.models import available_architectures
 from emotion.training.config import RunOptions, TrainConfig
 from emotion.training.loop import CHECKPOINT_FILE, train_loop_per_worker
+from emotion.training.tracking import log_result
 from emotion.uris import absolute_uri, filesystem
 from jobs.conf import apply_defaults
 
@@ -57,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", help="model name, and the run's folder under --storage")
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction,
                         help="continue the run in --storage/--name from its last epoch, under the same recipe")
+    parser.add_argument("--mlflow-uri", help="log the run to MLflow: a tracking server URL or a local folder")
+    parser.add_argument("--mlflow-experiment", help="MLflow experiment the run is logged under")
     parser.add_argument("--epochs-this-run", type=int,
                         help="stop this invocation after N more epochs, leaving the run resumable")
     apply_defaults(parser, "train")
@@ -76,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 parser.error(f"--{flag} {uri}: no such folder")
             setattr(args, flag, absolute_uri(uri))
     args.output, args.storage = absolute_uri(args.output), absolute_uri(os.path.expanduser(args.storage))
+    if args.mlflow_uri and "://" not in args.mlflow_uri:
+        # A local folder, given as a file URI: the workers' working directory is not the driver's.
+        args.mlflow_uri = Path(args.mlflow_uri).expanduser().resolve().as_uri()
     return args
 
 
@@ -104,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         train_loop_per_worker,
         train_loop_config={
             "recipe": asdict(config),
-            "run": asdict(RunOptions(metrics_csv_uri(args.output), args.epochs_this_run)),
+            "run": asdict(RunOptions(metrics_csv_uri(args.output), args.epochs_this_run, args.mlflow_uri,
+                                     args.mlflow_experiment)),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=args.workers,
@@ -137,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         f"(expected calibration error {best['val_ece_uncalibrated']:.4f} -> {best['val_ece']:.4f}); "
         f"per-epoch metrics in {metrics_csv_uri(args.output)}"
     )
+    if args.mlflow_uri and result.metrics.get("mlflow_run_id"):
+        with result.checkpoint.as_directory() as folder:
+            log_result(args.mlflow_uri, result.metrics["mlflow_run_id"], str(Path(folder) / CHECKPOINT_FILE), saved)
+        print(f"logged to MLflow at {args.mlflow_uri}: run {result.metrics['mlflow_run_id']}")
     if not result.metrics.get("done", True):
         print(f"stopped after epoch {result.metrics['epoch']} of {config.epochs}: the same command with "
               f"--resume continues the run in {run_folder}")

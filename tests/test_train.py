@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -181,3 +182,31 @@ def test_plain_augmentation_only_shifts_and_mirrors():
             for dy in range(-4, 5)
             for dx in range(-4, 5)
         )
+
+
+@pytest.mark.slow
+def test_mlflow_records_one_run_across_a_resume_with_params_metrics_and_artifacts(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    synthetic_faces(tmp_path / "train", per_class=6)
+    store = tmp_path / "mlruns"
+    command = [sys.executable, "-m", "jobs.train", "--train", str(tmp_path / "train"),
+               "--output", str(tmp_path / "model.pt"), "--epochs", "3", "--batch-size", "16",
+               "--arch-kwargs", json.dumps({"widths": [8, 16], "depth": 2}), "--val-fraction", "0.25",
+               "--storage", str(tmp_path / "runs"), "--name", "tracked", "--mlflow-uri", str(store),
+               "--mlflow-experiment", "tests"]
+    env = dict(os.environ, RAY_ADDRESS="local")
+    for extra in (["--epochs-this-run", "2"], ["--resume"]):
+        result = subprocess.run([*command, *extra], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "logged to MLflow" in result.stdout
+    client = mlflow.tracking.MlflowClient(tracking_uri=store.as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert run.data.params["lr"] == str(read_defaults("train")["lr"]) and run.data.params["epochs"] == "3"
+    assert json.loads(run.data.params["arch_kwargs"]) == {"widths": [8, 16], "depth": 2}
+    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert sorted(point.step for point in history) == [1, 2, 3]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert artifacts == {"model/model.pt", "model/model-card.md"}
+    card = Path(client.download_artifacts(run.info.run_id, "model/model-card.md", str(tmp_path))).read_text()
+    assert card.startswith("# Model card: tracked") and "| angry |" in card

@@ -41,8 +41,11 @@ class RunOptions:
 
     `metrics_csv` is rewritten after every epoch from the checkpointed history, so a resumed run
     never repeats a line. `epochs_this_run` ends the invocation after that many epochs with the
-    run still resumable, for sessions shorter than the schedule.
+    run still resumable, for sessions shorter than the schedule. With `mlflow_uri`, the rank-0
+    worker logs the recipe and each epoch to MLflow (`emotion.training.tracking`).
     """
 
     metrics_csv: str | None
     epochs_this_run: int | None
+    mlflow_uri: str | None
+    mlflow_experiment: str

@@ -30,6 +30,7 @@ from emotion.labels import LABELS
 from emotion.models import build_model
 from emotion.precision import autocast, resolve_precision
 from emotion.preprocess import normalize
+from emotion.training import tracking
 from emotion.training.augment import augment_faces
 from emotion.training.config import RunOptions, TrainConfig
 from emotion.training.data import class_weights, split_data
@@ -52,6 +53,7 @@ class Progress:
     stale: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     best_model: bytes = b""
+    mlflow_run_id: str | None = None
 
 
 @torch.no_grad()
@@ -116,7 +118,9 @@ def _restore(
     scheduler.load_state_dict(state["scheduler"])
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
-    return Progress(state["epoch"], state["best_f1"], state["stale"], state["history"], best_model)
+    return Progress(
+        state["epoch"], state["best_f1"], state["stale"], state["history"], best_model, state.get("mlflow_run_id")
+    )
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -168,6 +172,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         )
         if progress.epoch:
             log.info("resuming after epoch %d of %d", progress.epoch, cfg.epochs)
+    tracked = rank == 0 and options.mlflow_uri is not None
+    if tracked:
+        progress.mlflow_run_id = tracking.start_run(
+            options.mlflow_uri, options.mlflow_experiment, cfg.name, asdict(cfg), progress.mlflow_run_id
+        )
 
     last = cfg.epochs
     if options.epochs_this_run is not None:
@@ -225,6 +234,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             continue
         if options.metrics_csv:
             write_metrics_csv(progress.history, options.metrics_csv)
+        if tracked:
+            tracking.log_epoch(metrics)
         net = model.module if hasattr(model, "module") else model
         state = {
             "recipe": asdict(cfg),
@@ -237,6 +248,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "best_f1": progress.best_f1,
             "stale": progress.stale,
             "history": progress.history,
+            "mlflow_run_id": progress.mlflow_run_id,
         }
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(state, Path(tmp) / STATE_FILE)
@@ -271,4 +283,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             else:
                 best_file.write_bytes(progress.best_model)
             done = progress.epoch >= cfg.epochs or progress.stale >= cfg.patience
-            ray.train.report(metrics | {"done": done}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            ray.train.report(
+                metrics | {"done": done, "mlflow_run_id": progress.mlflow_run_id or ""},
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            )
+    if tracked:
+        tracking.end_run()

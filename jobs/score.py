@@ -412,7 +412,8 @@ def run(job: ScoreJob) -> dict[str, Any]:
             "uri": job.model_uri,
             "sha256": job.model_sha256,
         },
-        "faces": {"mode": job.pipeline.faces, "config": job.record["faces"]["config"]},
+        "faces": {"total": int(statuses.get("ok", 0)), "mode": job.pipeline.faces,
+                  "config": job.record["faces"]["config"]},
         # ok rows are faces classified; rows of files without a face are counted under files.
         "rows": {"total": len(rows), "ok": int(statuses.get("ok", 0)), "error": int(statuses.get("error", 0))},
         "files": {"total": len(written), "with_faces": int(files.get("ok", 0)),

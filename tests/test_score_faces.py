@@ -144,7 +144,7 @@ def test_auto_mode_rows_per_face_boxes_no_face_and_errors(scored):
     crops = len(CROPS)
     assert run.manifest["files"] == {"total": crops + 4, "with_faces": crops + 2, "no_face": 1, "error": 1}
     assert run.manifest["rows"] == {"total": crops + 7, "ok": crops + 5, "error": 1}
-    assert run.manifest["faces"]["mode"] == "auto"
+    assert run.manifest["faces"]["mode"] == "auto" and run.manifest["faces"]["total"] == crops + 5
     assert (f"wrote {crops + 7} rows for {crops + 4} files ({crops + 5} faces, 1 files without a face, 1 error)"
             in run.stdout)
     parquet = sorted(run.out.glob("*.parquet"))

@@ -1,6 +1,6 @@
 """The page at `GET /`, used as a person uses it, in headless Chromium against the real service
 (marked slow): pick a photo with several faces, see the annotated photo and the faces table;
-give a wrong token, see the service's reason.
+take a camera snapshot; give a wrong token, see the service's reason.
 
 Chromium is driven over the DevTools protocol through `--remote-debugging-pipe` (NUL-separated
 JSON on file descriptors 3 and 4), which needs no client library. In CI (CI set) a missing browser
@@ -43,13 +43,16 @@ class Chromium:
     """Headless Chromium and one page in it, driven over the DevTools protocol on a pipe."""
 
     def __init__(self, profile: Path) -> None:
-        # The browser reads commands on its fd 3 and writes answers on its fd 4.
+        # The browser reads commands on its fd 3 and writes answers on its fd 4; bash moves the
+        # pipes there (POSIX sh may not redirect from descriptors above 9, which pytest reaches).
         commands, self._to_browser = os.pipe()
         self._from_browser, answers = os.pipe()
         self.process = subprocess.Popen(
-            ["/bin/sh", "-c", f'exec "$0" "$@" 3<&{commands} 4>&{answers}', str(CHROMIUM),
+            ["/bin/bash", "-c", f'exec "$0" "$@" 3<&{commands} 4>&{answers}', str(CHROMIUM),
              "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             # A camera that shows a test pattern, granted without asking: the snapshot button.
+             "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
              f"--user-data-dir={profile}", "--window-size=1280,1400", "about:blank"],
             pass_fds=(commands, answers), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
@@ -174,3 +177,19 @@ def test_the_page_shows_the_services_reason_for_a_refusal(browser, service):
     assert error == "401 missing or wrong bearer token"
     state = json.loads(browser.evaluate(STATE))
     assert state["rows"] == [] and not state["tableShown"] and state["image"] == [0, 0]
+
+
+@pytest.mark.slow
+def test_a_camera_snapshot_goes_through_the_same_path(browser, service):
+    """Chromium's fake camera shows a test pattern: the snapshot is posted and answered no_face."""
+    browser.page("Page.navigate", url=service + "/")
+    browser.wait_for("document.readyState === 'complete' && !document.getElementById('camera').hidden")
+    browser.evaluate(f"document.getElementById('token').value = {json.dumps(TOKEN)}")
+    browser.evaluate("document.getElementById('camera').click()")
+    width, height = browser.wait_for("(() => { const v = document.getElementById('video');"
+                                     " return v.videoWidth ? [v.videoWidth, v.videoHeight] : null; })()")
+    browser.evaluate("document.getElementById('snap').click()")
+    status = browser.wait_for("document.getElementById('error').textContent"
+                              " || (document.getElementById('annotated').naturalWidth"
+                              " && document.getElementById('status').textContent)")
+    assert status.startswith(f"No face found in this {width}x{height} photo"), status

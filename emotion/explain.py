@@ -24,7 +24,7 @@ from PIL import Image
 from torch import nn
 
 from emotion.checkpoint import Checkpoint
-from emotion.models import EmotionCNN
+from emotion.models import EmotionCNN, Ensemble
 from emotion.preprocess import normalize
 
 
@@ -75,7 +75,10 @@ class Explainer:
         for module in self.model.modules():
             if isinstance(module, nn.ReLU):
                 module.inplace = False
-        self.layer, self.layer_input = target_layer(self.model)
+        # An ensemble is explained member by member, each at its own target layer, and the maps
+        # averaged: the evidence the whole ensemble weighed.
+        self.parts = list(self.model.members) if isinstance(self.model, Ensemble) else [self.model]
+        self.layers = [target_layer(part) for part in self.parts]
 
     def explain(self, pixels: np.ndarray, classes: list[int] | None = None) -> list[Explanation]:
         """Heatmaps for `pixels`; `classes` gives each face's class, else its top class."""
@@ -84,8 +87,12 @@ class Explainer:
         if classes is None:
             with torch.inference_mode():
                 classes = self.model(batch).argmax(dim=1).tolist()
-        maps = grad_cam(self.model, self.layer, batch.requires_grad_(), list(classes), self.layer_input)
-        return [Explanation(m, c) for m, c in zip(maps, classes, strict=True)]
+        maps = np.mean([
+            grad_cam(part, layer, batch.clone().requires_grad_(), list(classes), layer_input)
+            for part, (layer, layer_input) in zip(self.parts, self.layers, strict=True)
+        ], axis=0)
+        peak = np.maximum(maps.max(axis=(1, 2), keepdims=True), 1e-12)
+        return [Explanation(m, c) for m, c in zip(maps / peak, classes, strict=True)]
 
 
 def overlay(face: np.ndarray, heatmap: np.ndarray, side: int = 192, alpha: float = 0.45) -> Image.Image:

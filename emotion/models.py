@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 COMPACT_ARCHITECTURE = "emotion_cnn"
+ENSEMBLE_ARCHITECTURE = "ensemble"
 
 
 def _conv_bn(in_ch: int, out_ch: int, relu: bool = True) -> nn.Sequential:
@@ -93,6 +94,23 @@ class EmotionCNN(nn.Module):
         return self.head(self.features(x))
 
 
+class Ensemble(nn.Module):
+    """Several networks as one: the mean of their log-probabilities (the log of the geometric mean
+    of their probabilities, up to a constant), so members whose logits run on different scales
+    weigh alike and the result is still logits for the softmax, mirroring and temperature after
+    it. Members are trained apart (`jobs.train`) and joined by `jobs.ensemble`.
+    """
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.log_softmax(member(x), dim=1) for member in self.members]).mean(dim=0)
+
+
 def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
     """Swap the first convolution for one taking `in_channels`, keeping every other hyper-parameter."""
     for parent in model.modules():
@@ -131,9 +149,17 @@ def build_model(arch: str, num_classes: int, in_channels: int, **kwargs: Any) ->
 
     `kwargs` go to the architecture's constructor (for example `image_size` for vit_b_16, or
     `widths` for emotion_cnn) and are stored in the checkpoint so loading rebuilds the same graph.
+    `ensemble` takes `members`, a list of {"arch", "arch_kwargs"}: it is built here so that an
+    ensemble loads like any checkpoint, but it is never trained as one (hence not listed in
+    `available_architectures`).
     """
     if arch == COMPACT_ARCHITECTURE:
         return EmotionCNN(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    if arch == ENSEMBLE_ARCHITECTURE:
+        return Ensemble([
+            build_model(member["arch"], num_classes, in_channels, **member.get("arch_kwargs", {}))
+            for member in kwargs["members"]
+        ])
     models = _torchvision_models()
     if arch not in models.list_models(module=models):
         raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(available_architectures())}")

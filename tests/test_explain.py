@@ -94,7 +94,8 @@ def test_torchvision_architectures_get_a_spatial_target_layer(arch):
     checkpoint = new_checkpoint(build_model(arch, len(LABELS), 1).eval(), arch=arch, arch_kwargs={}, labels=LABELS,
                                 input_size=48, channels=1, mean=(0.5,), std=(0.25,))
     explainer = Explainer(checkpoint)
-    assert isinstance(explainer.layer, nn.Conv2d) and not explainer.layer_input
+    ((layer, layer_input),) = explainer.layers
+    assert isinstance(layer, nn.Conv2d) and not layer_input
     faces = np.random.default_rng(1).integers(0, 256, (2, 48, 48, 1), dtype=np.uint8)
     assert [e.heatmap.shape for e in explainer.explain(faces)] == [(48, 48)] * 2
 
@@ -107,3 +108,13 @@ def test_overlay_is_an_rgb_picture_coloured_by_the_heatmap():
     assert picture.shape == (96, 96, 3)
     # 'jet' is red at 1 and blue at 0: the hot half is redder than the cold half.
     assert picture[:40, :, 0].mean() > picture[56:, :, 0].mean() + 50
+
+
+def test_an_ensemble_is_explained_by_each_member_at_its_own_layer():
+    from jobs.ensemble import join
+
+    explainer = Explainer(join([tiny_checkpoint(seed=0), tiny_checkpoint(seed=1)]))
+    assert len(explainer.layers) == 2 and all(layer_input for _, layer_input in explainer.layers)
+    faces = np.random.default_rng(2).integers(0, 256, (2, 48, 48, 1), dtype=np.uint8)
+    explained = explainer.explain(faces, classes=[3, 3])
+    assert all(e.heatmap.shape == (48, 48) and e.heatmap.max() == pytest.approx(1.0) for e in explained)

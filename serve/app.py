@@ -19,9 +19,14 @@ cannot steer routing. A thin ingress deployment forwarding them through a handle
 steer it too, at the price of the extra hop above; clients that care send the multiplexing header.
 Under HAProxy (conf/serve.env) Serve 2.60 balances replicas by least connections and does not
 route on the model id at all; with a few models per replica that costs a load, not an error.
+
+`/explain` answers as `/predict` does, through the same batched forward pass, and then computes
+Grad-CAM heatmaps (`emotion.explain`) in a worker thread of its own, never in the batcher: a
+backward pass costs several forward passes, and plain predictions must not queue behind it.
 """
 
 import asyncio
+import base64
 import os
 import threading
 import time
@@ -39,9 +44,10 @@ from ray import serve
 
 import emotion
 from emotion.checkpoint import load_checkpoint
-from emotion.faces import FACE_MODES, Face, FaceConfig, FaceFinder, FacesInImage, load_face_config
+from emotion.explain import Explainer, overlay, png_bytes
+from emotion.faces import FACE_MODES, Face, FaceConfig, FaceCrop, FaceFinder, FacesInImage, load_face_config
 from emotion.precision import resolve_precision
-from emotion.predictor import Predictor, pick_device, prediction_record
+from emotion.predictor import BACKENDS, Predictor, pick_device, prediction_record
 from emotion.preprocess import decode_upright
 from serve.annotate import LabelledFace, annotated_png
 from serve.batching import Batcher
@@ -58,6 +64,8 @@ FAILED_BATCHES_BEFORE_UNHEALTHY = 3
 # replica, against the code it runs, so a cluster's replicas read the file shipped beside them.
 DEFAULT_FACE_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "faces.yaml"
 PAGE = Path(__file__).resolve().parent / "page.html"
+# Pixels on a side of an explanation's overlay: the model's crop enlarged enough to see.
+OVERLAY_SIDE = 192
 # The page makes no request outside this service: its script and style are inline, the photo it
 # shows is a blob: URL made from /annotate's answer.
 PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
@@ -79,6 +87,7 @@ class Settings:
     cors_origins: list[str]
     device: str | None
     precision: str
+    backend: str
     threads_per_actor: int | None
     models_per_replica: int
     faces: str
@@ -106,6 +115,8 @@ class _Resident:
     The registry maps a model name to the holder now serving it, so /health lists what a replica
     really holds; a holder only removes its own entry, never a newer load of the same name.
     Faces are cut at this model's input size and channels, so the finder belongs to the model.
+    So does its Explainer, built on the first /explain for this model (a second, float32 copy of
+    the network that plain predictions never need) and evicted with it.
     """
 
     def __init__(self, name: str, predictor: Predictor, face_config: FaceConfig, max_pixels: int,
@@ -113,6 +124,10 @@ class _Resident:
         self.name, self.predictor, self.registry = name, predictor, registry
         self.face_config, self.max_pixels = face_config, max_pixels
         self._local = threading.local()
+        self._explainer: Explainer | None = None
+        # Captum hooks the Explainer's network while it runs, so two explanations at once on one
+        # model would read each other's activations: they take turns.
+        self._explaining = threading.Lock()
         registry[name] = self
 
     def find(self, data: bytes, mode: str) -> FacesInImage:
@@ -125,6 +140,15 @@ class _Resident:
                                                      self.max_pixels)
         return finder.find(data, mode)
 
+    def explain(self, crops: list[FaceCrop], classes: list[int], side: int = OVERLAY_SIDE) -> list[bytes]:
+        """PNG overlays of each face's Grad-CAM heatmap for `classes[i]` on its crop, called in a
+        worker thread."""
+        with self._explaining:
+            if self._explainer is None:
+                self._explainer = Explainer(self.predictor.checkpoint)
+            explained = self._explainer.explain(np.stack([crop.pixels for crop in crops]), classes)
+        return [png_bytes(overlay(crop.pixels, e.heatmap, side)) for crop, e in zip(crops, explained, strict=True)]
+
     def __del__(self) -> None:
         if self.registry.get(self.name) is self:
             del self.registry[self.name]
@@ -136,6 +160,11 @@ _PREDICT_BODY = {"content": {
     "image/*": {"schema": {"type": "string", "format": "binary"}},
 }, "required": True}
 _PNG_RESPONSE = {200: {"content": {"image/png": {}}, "description": "the photo with faces boxed and labelled"}}
+_EXPLAIN_RESPONSE = {200: {"content": {
+    "application/json": {},
+    "image/png": {"schema": {"type": "string", "format": "binary"}},
+}, "description": "the /predict answer, each face with `explanation`; or, with Accept: image/png, the "
+                  "largest face's overlay"}}
 _PREDICT_BATCH_BODY = {"content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["files"],
     "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
@@ -160,15 +189,19 @@ class Emotion:
         # sharing a node would oversubscribe its cores (docs/benchmarks.md).
         reserved = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         torch.set_num_threads(settings.threads_per_actor or max(int(reserved), 1))
-        self.device = pick_device(settings.device)
-        self.precision = resolve_precision(settings.precision, self.device)
+        # ONNX Runtime runs float32 on the CPU (build_app refuses any other device or precision
+        # for it), so the replica reports what it really runs rather than what a GPU would pick.
+        onnx = settings.backend == "onnxruntime"
+        device = "cpu" if onnx else settings.device
+        self.device = pick_device(device)
+        self.precision = "fp32" if onnx else resolve_precision(settings.precision, self.device)
         self.loaded: dict[str, _Resident] = {}
         face_config = load_face_config(settings.face_config or DEFAULT_FACE_CONFIG)
 
         async def load(name: str) -> _Resident:
             predictor = await asyncio.to_thread(
-                Predictor, settings.models[name], device=settings.device, max_pixels=settings.max_pixels,
-                precision=settings.precision)
+                Predictor, settings.models[name], device=device, max_pixels=settings.max_pixels,
+                precision=settings.precision, backend=settings.backend)
             return _Resident(name, predictor, face_config, settings.max_pixels, self.loaded)
 
         # Wrapped here rather than decorated on the class because the cache size is a setting;
@@ -203,6 +236,8 @@ class Emotion:
                           openapi_extra={"requestBody": _PREDICT_BATCH_BODY})
         api.add_api_route("/annotate", self.annotate, methods=["POST"], response_class=Response,
                           responses=_PNG_RESPONSE, openapi_extra={"requestBody": _PREDICT_BODY})
+        api.add_api_route("/explain", self.explain, methods=["POST"], response_class=Response,
+                          responses=_EXPLAIN_RESPONSE, openapi_extra={"requestBody": _PREDICT_BODY})
         return api
 
     def reconfigure(self, config: dict[str, Any]) -> None:
@@ -265,24 +300,24 @@ class Emotion:
             raise HTTPException(422, "no image: send multipart field 'file' or a raw image body")
         return [("body", body)]
 
-    async def _classify(self, resident: _Resident, data: bytes, mode: str) -> dict[str, Any]:
-        """One image's answer: every face, largest first, each scored, and the largest face's
-        prediction at the top level (what clients read before faces existed). Decoding and
+    async def _classify(self, resident: _Resident, data: bytes, mode: str) -> tuple[list[FaceCrop], dict[str, Any]]:
+        """One image's faces, largest first, and its answer: every face scored, and the largest
+        face's prediction at the top level (what clients read before faces existed). Decoding and
         detection run in a worker thread; all of the image's faces share one forward pass."""
         found = await asyncio.to_thread(resident.find, data, mode)
         if found.error is not None:
             error = found.error
             if error.startswith(_TOO_MANY_PIXELS):
                 error += f" (at most {self.settings.max_pixels})"
-            return {"status": "error", "error": error, "code": _decode_status(error)}
+            return [], {"status": "error", "error": error, "code": _decode_status(error)}
         image = {"model": resident.name, "width": found.width, "height": found.height, "detected": found.detected}
         if not found.crops:
-            return {"status": "no_face", "faces": [], **image}
+            return [], {"status": "no_face", "faces": [], **image}
         probs = await self.batcher.predict(resident.predictor, np.stack([crop.pixels for crop in found.crops]))
         faces = [_face_record(crop.face, row, resident.predictor.labels)
                  for crop, row in zip(found.crops, probs, strict=True)]
         largest = {key: value for key, value in faces[0].items() if key not in ("box", "score")}
-        return {"status": "ok", **largest, "faces": faces, **image}
+        return found.crops, {"status": "ok", **largest, "faces": faces, **image}
 
     async def root(self, request: Request) -> Response:
         """The page people use (`serve/page.html`); the service's description for a client that
@@ -299,7 +334,8 @@ class Emotion:
     async def health(self) -> dict[str, Any]:
         """For load balancers' probes: reports, and never loads or evicts a model."""
         return {"status": "ok", "device": str(self.device), "precision": self.precision,
-                "models": sorted(self.settings.models), "loaded_models": sorted(self.loaded)}
+                "backend": self.settings.backend, "models": sorted(self.settings.models),
+                "loaded_models": sorted(self.loaded)}
 
     async def models(self, request: Request) -> dict[str, Any]:
         """Each configured checkpoint's description: from the loaded model where this replica holds
@@ -312,7 +348,7 @@ class Emotion:
             checkpoint = resident.predictor.checkpoint if resident else await asyncio.to_thread(load_checkpoint, path)
             card = checkpoint.describe()
             listed.append({"name": name, **{k: card[k] for k in keys}})
-        return {"default": self.settings.default_model, "models": listed}
+        return {"default": self.settings.default_model, "backend": self.settings.backend, "models": listed}
 
     async def stats(self, request: Request) -> dict[str, Any]:
         """This replica's recent batch sizes: evidence that concurrent requests share passes.
@@ -323,20 +359,22 @@ class Emotion:
         self._authorize(request)
         return {"loaded_models": sorted(self.loaded), "recent_batch_sizes": list(self.batcher.batch_sizes)[-200:]}
 
-    async def _one_image(self, request: Request, model: str | None, faces: str | None
-                         ) -> tuple[bytes, dict[str, Any]]:
-        """The checks and answer /predict and /annotate share: the image and its answer; an image
-        that cannot be read is an HTTP error with the reason."""
+    async def _one_request(self, request: Request, model: str | None, faces: str | None
+                           ) -> tuple[_Resident, bytes, str]:
+        """The checks /predict, /annotate and /explain share, in order: token, model, faces mode,
+        the image's bytes; then the model, loaded if this replica does not hold it."""
         self._authorize(request)
         name = self._model_name(request, model)
         mode = self._face_mode(faces)
         images = await self._images(request, many=False)
-        resident = await self.get_model(name)
-        data = images[0][1]
-        result = await self._classify(resident, data, mode)
+        return await self.get_model(name), images[0][1], mode
+
+    async def _answer(self, resident: _Resident, data: bytes, mode: str) -> tuple[list[FaceCrop], dict[str, Any]]:
+        """One image's faces and answer; an image that cannot be read is an HTTP error with the reason."""
+        crops, result = await self._classify(resident, data, mode)
         if result["status"] == "error":
             raise HTTPException(result["code"], result["error"])
-        return data, result
+        return crops, result
 
     async def predict(
         self, request: Request,
@@ -346,7 +384,7 @@ class Emotion:
         """One image (multipart field `file` or a raw body): every face found, largest first, and
         the largest face's prediction at the top level (`status: no_face` when none is found)."""
         started = time.perf_counter()
-        _, result = await self._one_image(request, model, faces)
+        _, result = await self._answer(*await self._one_request(request, model, faces))
         result["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
         return JSONResponse(result)
 
@@ -356,11 +394,45 @@ class Emotion:
         faces: str | None = Query(None, description=f"one of {', '.join(FACE_MODES)}; default from the config"),
     ) -> Response:
         """The same input as /predict; the upright photo as PNG with each face boxed and labelled."""
-        data, result = await self._one_image(request, model, faces)
+        resident, data, mode = await self._one_request(request, model, faces)
+        _, result = await self._answer(resident, data, mode)
         labelled = [LabelledFace(_box(face["box"]), face["predicted_class"], face["predicted_label"],
                                  face["confidence"]) for face in result["faces"]]
         png = await asyncio.to_thread(_draw, data, labelled, self.settings.max_pixels)
         return Response(png, media_type="image/png")
+
+    async def explain(
+        self, request: Request,
+        model: str | None = Query(None, description=f"model name (or header {MODEL_HEADER})"),
+        faces: str | None = Query(None, description=f"one of {', '.join(FACE_MODES)}; default from the config"),
+        target: str | None = Query(None, description="the label to explain; default: each face's predicted one"),
+    ) -> Response:
+        """The same input and answer as /predict, each face with the Grad-CAM overlay of the class
+        explained on its crop (base64 PNG); with `Accept: image/png`, the largest face's overlay
+        alone, or 404 when no face is found."""
+        started = time.perf_counter()
+        resident, data, mode = await self._one_request(request, model, faces)
+        labels = resident.predictor.labels
+        if target is not None and target not in labels:
+            raise HTTPException(422, f"unknown target {target!r}; known: {', '.join(labels)}")
+        crops, result = await self._answer(resident, data, mode)
+        png_only = _wants_png(request.headers.get("accept", ""))
+        if not crops:
+            if png_only:
+                raise HTTPException(404, f"no face found to explain (faces={mode})")
+            return JSONResponse(result | {"latency_ms": round((time.perf_counter() - started) * 1000, 2)})
+        if png_only:
+            crops = crops[:1]
+        classes = [labels.index(target) if target is not None else face["predicted_class"]
+                   for face in result["faces"][: len(crops)]]
+        overlays = await asyncio.to_thread(resident.explain, crops, classes)
+        if png_only:
+            return Response(overlays[0], media_type="image/png")
+        for face, cls, png in zip(result["faces"], classes, overlays, strict=True):
+            face["explanation"] = {"target_label": labels[cls], "target_class": cls,
+                                   "heatmap_png": base64.b64encode(png).decode("ascii")}
+        result["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
+        return JSONResponse(result)
 
     async def predict_batch(
         self, request: Request, model: str | None = Query(None),
@@ -374,7 +446,8 @@ class Emotion:
         mode = self._face_mode(faces)
         images = await self._images(request, many=True)
         resident = await self.get_model(name)
-        results = await asyncio.gather(*(self._classify(resident, data, mode) for _, data in images))
+        answers = await asyncio.gather(*(self._classify(resident, data, mode) for _, data in images))
+        results = [result for _, result in answers]
         for (filename, _), result in zip(images, results, strict=True):
             result["filename"] = filename
             result.pop("code", None)
@@ -395,6 +468,12 @@ def _face_record(face: Face | None, probs: np.ndarray, labels: tuple[str, ...]) 
     }
 
 
+def _wants_png(accept: str) -> bool:
+    """Whether an Accept header asks for image/png rather than JSON (a browser's `*/*` does not)."""
+    types = {part.split(";")[0].strip().lower() for part in accept.split(",")}
+    return "image/png" in types and "application/json" not in types
+
+
 def _box(box: dict[str, int] | None) -> tuple[int, int, int, int] | None:
     return None if box is None else (box["x"], box["y"], box["w"], box["h"])
 
@@ -413,8 +492,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 
     The bearer token may come from the EMOTION_API_TOKEN environment variable, so that it need
     not be written into a config file. Every checkpoint and the face config are read once here,
-    so that a wrong path or a bad `faces` fails the deployment rather than a request; nothing
-    read is passed on.
+    so that a wrong path, a bad `faces` or a backend with a precision it cannot run fails the
+    deployment rather than a request; nothing read is passed on.
     """
     settings = Settings(**args)
     if not settings.auth_token and os.environ.get("EMOTION_API_TOKEN"):
@@ -423,6 +502,12 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         raise ValueError(f"default_model {settings.default_model!r} is not one of models: {sorted(settings.models)}")
     if settings.faces not in FACE_MODES:
         raise ValueError(f"faces {settings.faces!r} is not one of {', '.join(FACE_MODES)}")
+    if settings.backend not in BACKENDS:
+        raise ValueError(f"backend {settings.backend!r} is not one of {', '.join(BACKENDS)}")
+    if settings.backend == "onnxruntime" and (settings.precision not in ("auto", "fp32")
+                                              or settings.device not in (None, "cpu")):
+        raise ValueError(f"backend onnxruntime runs float32 on the CPU: precision must be auto or fp32 "
+                         f"(not {settings.precision!r}) and device null or cpu (not {settings.device!r})")
     load_face_config(settings.face_config or DEFAULT_FACE_CONFIG)
     for path in settings.models.values():
         load_checkpoint(path)

@@ -37,7 +37,7 @@ from emotion.faces import FaceConfig, FaceFinder
 from emotion.uris import absolute_uri, filesystem
 from jobs.common import UsageError, sha256_of, start
 from jobs.conf import CONF_DIR, apply_defaults
-from jobs.pipeline import PipelineConfig, check_faces, face_settings, pipeline_config, score_files
+from jobs.pipeline import PipelineConfig, check_backend, check_faces, face_settings, pipeline_config, score_files
 
 log = logging.getLogger("jobs.evaluate")
 SCHEMA_VERSION = 1
@@ -109,6 +109,7 @@ def build_parser(conf: str = "evaluate") -> argparse.ArgumentParser:
                         "auto: whole for images about the model's input size, detect otherwise")
     parser.add_argument("--face-config", help="face detector and framing YAML (default: conf/faces.yaml)")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"))
+    parser.add_argument("--backend", help="torch, or onnxruntime (the checkpoint's ONNX graph; float32 on CPU only)")
     parser.add_argument("--device", help="torch device for inference (default: cuda when given GPUs)")
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
     apply_defaults(parser, "evaluate")
@@ -174,6 +175,7 @@ def plan_job(args: argparse.Namespace, run_id: str) -> EvaluateJob:
     if not args.output:
         raise UsageError("--output is required")
     check_faces(args.faces)
+    check_backend(args.backend, args.precision, args.gpus_per_actor, args.device)
     names = [_split_input(spec)[0] for spec in args.input]
     if len(set(names)) != len(names):
         raise UsageError(f"--input: set names must be unique, got {', '.join(names)}")
@@ -285,6 +287,7 @@ def run(job: EvaluateJob, started_at: datetime) -> dict[str, Any]:
         },
         "model": job.checkpoint.describe() | {
             "uri": job.model_uri, "sha256": sha256_of(job.model_uri), "bytes": int(fs.size(path)),
+            "backend": job.pipeline.backend,
         },
         "sets": sets,
         "comparison": comparison,

@@ -26,7 +26,7 @@ from ray.data import ActorPoolStrategy
 
 from emotion.checkpoint import Checkpoint
 from emotion.faces import FACE_MODES, FaceConfig, detector_names, load_face_config
-from emotion.predictor import Predictor, prediction_columns
+from emotion.predictor import BACKENDS, Predictor, prediction_columns
 from emotion.uris import strip_scheme
 from jobs.common import UsageError
 from jobs.conf import CONF_DIR
@@ -55,6 +55,8 @@ class PipelineConfig:
     preprocess_tasks: int | None
     device: str | None
     precision: str
+    # torch | onnxruntime (emotion.predictor.BACKENDS); onnxruntime: float32 on CPU only.
+    backend: str
     max_pixels: int
     # whole | detect | auto (emotion.faces.FACE_MODES); a set in jobs.evaluate may choose its own.
     faces: str
@@ -80,6 +82,7 @@ def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
         preprocess_tasks=args.preprocess_tasks,
         device=args.device,
         precision=args.precision,
+        backend=args.backend,
         max_pixels=args.max_pixels,
         faces=args.faces,
         face_config=args.face_config,
@@ -90,6 +93,21 @@ def check_faces(mode: str, flag: str = "--faces") -> None:
     """Refuse a `faces` mode other than whole, detect or auto, in one line."""
     if mode not in FACE_MODES:
         raise UsageError(f"{flag} {mode}: expected one of {', '.join(FACE_MODES)}")
+
+
+def check_backend(backend: str, precision: str, gpus_per_actor: float, device: str | None) -> None:
+    """Refuse, in one line before any work, a backend the actors' Predictor would refuse in every
+    actor: onnxruntime runs float32 on the CPU only."""
+    if backend not in BACKENDS:
+        raise UsageError(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
+    if backend != "onnxruntime":
+        return
+    if precision not in ("auto", "fp32"):
+        raise UsageError(f"--backend onnxruntime runs float32 on the CPU: --precision {precision} is not possible "
+                         "(use auto or fp32)")
+    if gpus_per_actor > 0 or (device is not None and device != "cpu"):
+        raise UsageError("--backend onnxruntime runs on the CPU only: drop --gpus-per-actor and --device "
+                         f"(got {gpus_per_actor:g} GPUs per actor, device {device or 'default'})")
 
 
 def face_settings(path: str | None) -> FaceConfig:
@@ -171,6 +189,7 @@ class ScoreBatch:
         checkpoint: Checkpoint,
         device: str | None,
         precision: str,
+        backend: str,
         threads: int | None,
         timing: bool = False,
     ) -> None:
@@ -178,7 +197,7 @@ class ScoreBatch:
         # the forward pass is the bottleneck and may use more cores than the actor reserves.
         if threads:
             torch.set_num_threads(threads)
-        self.predictor = Predictor(checkpoint, device=device, precision=precision)
+        self.predictor = Predictor(checkpoint, device=device, precision=precision, backend=backend)
         self.model_name = self.predictor.name
         self.timing = timing
         self.schema = output_schema(self.predictor.labels, timing)
@@ -277,6 +296,7 @@ def score_files(
             "checkpoint": checkpoint,
             "device": config.device or ("cuda" if config.gpus_per_actor > 0 else None),
             "precision": config.precision,
+            "backend": config.backend,
             "threads": config.threads_per_actor,
             "timing": timing,
         },

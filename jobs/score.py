@@ -48,6 +48,7 @@ from jobs.pipeline import (
     PROGRESS_ACTOR,
     PipelineConfig,
     ProgressCounter,
+    check_backend,
     check_faces,
     face_settings,
     pipeline_config,
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preprocess-tasks", type=int, help="cap on concurrent decoding tasks")
     parser.add_argument("--max-pixels", type=int, help="larger images are error rows, refused before decoding")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"))
+    parser.add_argument("--backend", help="torch, or onnxruntime (the checkpoint's ONNX graph; float32 on CPU only)")
     parser.add_argument("--device", help="torch device for inference (default: cuda when given GPUs)")
     parser.add_argument("--limit", type=int, help="score only the first N files (dry runs)")
     parser.add_argument("--faces", help="whole: each image is one face; detect: every face found; "
@@ -131,6 +133,7 @@ def plan_job(args: argparse.Namespace) -> ScoreJob:
     _positive(args.stall_timeout, "--stall-timeout")
     _positive(args.progress_interval, "--progress-interval")
     check_faces(args.faces)
+    check_backend(args.backend, args.precision, args.gpus_per_actor, args.device)
     faces = face_settings(args.face_config)
     if args.actors is not None and args.min_actors is not None:
         raise UsageError("--actors and --min-actors/--max-actors are alternatives; pass one")
@@ -411,6 +414,7 @@ def run(job: ScoreJob) -> dict[str, Any]:
             "arch": job.checkpoint.arch,
             "uri": job.model_uri,
             "sha256": job.model_sha256,
+            "backend": job.pipeline.backend,
         },
         "faces": {"total": int(statuses.get("ok", 0)), "mode": job.pipeline.faces,
                   "config": job.record["faces"]["config"]},

@@ -62,7 +62,7 @@ def test_decode_then_score_a_batch_by_hand():
     assert decoded["pixels"].shape == (4, 48, 48, 1)
     assert list(decoded["status"]) == ["ok", "error", "error", "ok"]
     assert np.array_equal(decoded["pixels"][0], decode_image(jpeg(seed=1), 48, 1).pixels)
-    table = ScoreBatch(tiny_checkpoint(), "cpu", "fp32", None)(decoded)
+    table = ScoreBatch(tiny_checkpoint(), "cpu", "fp32", "torch", None)(decoded)
     assert table.schema == output_schema(LABELS)
     scored = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
     assert list(scored["error"]) == [
@@ -92,7 +92,7 @@ def test_a_photo_gives_a_row_per_face_and_a_blank_one_a_no_face_row():
     for (cx, cy), (x, y) in zip(centres, sorted(PLACED.values()), strict=True):
         assert abs(cx - (x + SIDE / 2)) < SIDE / 4 and abs(cy - (y + SIDE / 2)) < SIDE / 4
     assert not found["pixels"][3].any() and found["pixels"][0].any()
-    table = ScoreBatch(tiny_checkpoint(), "cpu", "fp32", None)(found)
+    table = ScoreBatch(tiny_checkpoint(), "cpu", "fp32", "torch", None)(found)
     assert table.column("status").to_pylist()[3] == "no_face"
     assert table.column("predicted_label").to_pylist()[3] is None
     assert table.column("box_x").to_pylist()[3:] == [None, None]

@@ -37,6 +37,12 @@ def faces(tmp_path):
         (["--min-actors", "3", "--max-actors", "2"], "error: --min-actors 3 is larger than --max-actors 2"),
         (["--min-actors", "3"], "error: --min-actors and --max-actors go together"),
         (["--faces", "some"], "error: --faces some: expected one of whole, detect, auto"),
+        (["--backend", "tensorrt"], "error: --backend tensorrt: expected one of torch, onnxruntime"),
+        (["--backend", "onnxruntime", "--precision", "bf16"],
+         "error: --backend onnxruntime runs float32 on the CPU: --precision bf16 is not possible (use auto or fp32)"),
+        (["--backend", "onnxruntime", "--gpus-per-actor", "1"],
+         "error: --backend onnxruntime runs on the CPU only: drop --gpus-per-actor and --device "
+         "(got 1 GPUs per actor, device default)"),
     ],
 )
 def test_bad_flags_fail_fast_with_one_line(tmp_path, faces, tiny_checkpoint_path, args, message):

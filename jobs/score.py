@@ -160,9 +160,10 @@ def plan_job(args: argparse.Namespace) -> ScoreJob:
     input_uri = absolute_uri(args.input).rstrip("/")
     output = absolute_uri(args.output).rstrip("/")
     model_sha256 = sha256_of(model_uri)
-    # Rows cut under other face settings must not share an output: they could differ in number.
+    # Rows cut under other face settings must not share an output: they could differ in number;
+    # rows of two backends differ in the last digits of their probabilities.
     record = run_record(input_uri, model_uri, model_sha256, args.limit, args.precision) | {
-        "faces": {"mode": args.faces, "config": asdict(faces)},
+        "faces": {"mode": args.faces, "config": asdict(faces)}, "backend": args.backend,
     }
     fs, root = filesystem(output)
     try:
@@ -178,6 +179,11 @@ def plan_job(args: argparse.Namespace) -> ScoreJob:
                          f"--faces {before.get('mode')} (now {args.faces})"
                          f"{'' if before.get('config') == record['faces']['config'] else ' and another face config'}; "
                          "rerun with the same settings to resume, or pass --overwrite to start again")
+    if previous.record is not None and not (args.overwrite or previous.complete) \
+            and previous.record.get("backend", "torch") != args.backend:
+        raise UsageError(f"--output {args.output} holds a partial run made with --backend "
+                         f"{previous.record.get('backend', 'torch')} (now {args.backend}); rerun with the same "
+                         "backend to resume, or pass --overwrite to start again")
     return ScoreJob(
         input=input_uri,
         output=output,

@@ -1,12 +1,18 @@
 """The scoring job's command line: every bad flag or input is one line, in seconds, before Ray starts."""
 
+import json
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 
 import pytest
 
 from emotion.checkpoint import save_checkpoint
+from emotion.uris import absolute_uri
+from jobs.common import sha256_of
+from jobs.output import RUN_RECORD, run_record
+from jobs.pipeline import face_settings
 from tests.conftest import tiny_checkpoint
 from tests.images import jpeg
 
@@ -81,3 +87,19 @@ def test_complete_output_is_not_replaced_without_overwrite(tmp_path, faces, tiny
     result = score("--input", str(faces), "--output", str(out), "--model", str(tiny_checkpoint_path))
     assert result.returncode == 2
     assert "already holds a complete run (_manifest.json); pass --overwrite" in result.stderr
+
+
+def test_partial_run_of_another_backend_is_not_resumed(tmp_path, faces, tiny_checkpoint_path):
+    """Rows of two backends differ in their last digits: one output holds one backend's."""
+    out = tmp_path / "out"
+    out.mkdir()
+    model = absolute_uri(str(tiny_checkpoint_path))
+    record = run_record(absolute_uri(str(faces)), model, sha256_of(model), None, "auto") | {
+        "faces": {"mode": "auto", "config": asdict(face_settings(None))}, "backend": "torch"}
+    (out / RUN_RECORD).write_text(json.dumps(record))
+    result = score("--input", str(faces), "--output", str(out), "--model", str(tiny_checkpoint_path),
+                   "--backend", "onnxruntime")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: --output {out} holds a partial run made with --backend torch "
+                                     "(now onnxruntime); rerun with the same backend to resume, or pass "
+                                     "--overwrite to start again")

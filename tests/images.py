@@ -6,6 +6,17 @@ import numpy as np
 from PIL import Image
 
 
+def labelled_faces(root, folders, per_class: int) -> None:
+    """A labelled folder: one sub-folder per name in `folders`, each class its own brightness, so a
+    model can learn them apart in a few epochs."""
+    rng = np.random.default_rng(0)
+    for k, folder in enumerate(folders):
+        (root / folder).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(rng.normal(20 + 30 * k, 8, (48, 48)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels, "L").save(root / folder / f"{i}.png")
+
+
 def face_like(size: int = 48, seed: int = 0) -> np.ndarray:
     """A deterministic grayscale pattern with structure (not constant), size x size uint8."""
     rng = np.random.default_rng(seed)

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from emotion.calibration import calibrate, calibration_error, fit_temperature
 from emotion.checkpoint import load_checkpoint, save_checkpoint
 from emotion.labels import LABELS
 from emotion.predictor import Predictor
 from tests.conftest import tiny_checkpoint
+from tests.images import labelled_faces
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,17 +66,8 @@ def test_calibrate_fits_the_predictors_own_logits_and_records_the_fit():
     assert calibrated.state_dict is predictor.checkpoint.state_dict
 
 
-def _labelled_folder(root, per_class: int = 6) -> None:
-    rng = np.random.default_rng(0)
-    for k, label in enumerate(LABELS):
-        (root / label).mkdir(parents=True)
-        for i in range(per_class):
-            pixels = np.clip(rng.normal(20 + 30 * k, 8, (48, 48)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels, "L").save(root / label / f"{i}.png")
-
-
 def test_jobs_calibrate_writes_a_new_checkpoint_and_never_its_input(tmp_path):
-    _labelled_folder(tmp_path / "val")
+    labelled_faces(tmp_path / "val", LABELS, per_class=6)
     model = tmp_path / "model.pt"
     save_checkpoint(tiny_checkpoint(), model)
     before = model.read_bytes()

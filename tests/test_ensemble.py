@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from emotion.checkpoint import load_checkpoint, save_checkpoint
+from emotion.labels import LABELS
 from emotion.portable import export_bytes, max_difference
 from emotion.predictor import Predictor
 from jobs.common import UsageError
 from jobs.ensemble import join
 from tests.conftest import tiny_checkpoint
-from tests.test_calibration import _labelled_folder
+from tests.images import labelled_faces
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,7 +56,7 @@ def test_jobs_ensemble_joins_calibrates_and_never_overwrites_a_member(tmp_path):
     for seed in range(2):
         paths.append(tmp_path / f"m{seed}.pt")
         save_checkpoint(tiny_checkpoint(seed=seed, name=f"m{seed}"), paths[-1])
-    _labelled_folder(tmp_path / "val")
+    labelled_faces(tmp_path / "val", LABELS, per_class=6)
     command = [sys.executable, "-m", "jobs.ensemble", "--models", *map(str, paths)]
     clash = subprocess.run([*command, "--output", str(paths[0])], cwd=ROOT, capture_output=True, text=True)
     assert clash.returncode == 2 and "never overwritten" in clash.stderr

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from emotion.checkpoint import load_checkpoint
 from emotion.labels import LABELS
@@ -22,19 +21,15 @@ from emotion.training.data import class_weights
 from emotion.training.loop import CSV_COLUMNS, write_metrics_csv
 from jobs.conf import read_defaults
 from jobs.train import metrics_csv_uri, parse_args
+from tests.images import labelled_faces
 from tests.services import ROOT
 
 FOLDERS = ["anger", "disgusted", "fearful", "happiness", "neutral", "sadness", "surprised", "contempt"]
 
 
 def synthetic_faces(root, per_class: int = 12) -> None:
-    """Class sub-folders named as public datasets name them; each class has its own brightness."""
-    rng = np.random.default_rng(0)
-    for k, folder in enumerate(FOLDERS):
-        (root / folder).mkdir(parents=True)
-        for i in range(per_class):
-            pixels = np.clip(rng.normal(20 + 30 * k, 8, (48, 48)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels, "L").save(root / folder / f"{i}.png")
+    """Class sub-folders named as public datasets name them, `contempt` (no model class) among them."""
+    labelled_faces(root, FOLDERS, per_class)
 
 
 @pytest.mark.slow

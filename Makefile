@@ -11,8 +11,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
+# examples/faces holds 48x48 crops (taken whole), examples/photos photos (faces detected); the
+# job skips the notes beside them and ends with a summary of what it found.
 demo: $(VENV)/.installed
-	$(PY) -m jobs.score --input examples/faces --output out/demo --overwrite
+	$(PY) -m jobs.score --input examples --output out/demo --overwrite
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check .

@@ -277,12 +277,12 @@ def _parquet_files(job: ScoreJob) -> list[str]:
     return sorted(p for p in fs.ls(root, detail=False) if p.endswith(".parquet"))
 
 
-_ROW_COLUMNS = ["path", "status", "face_index", "faces_in_image"]
+_ROW_COLUMNS = ["path", "status", "face_index", "faces_in_image", "predicted_label"]
 
 
 def _output_rows(job: ScoreJob) -> pd.DataFrame:
-    """The path, status, face index and face count of every row written under the output so far,
-    with the file holding it.
+    """The path, status, face index, face count and label of every row written under the output
+    so far, with the file holding it.
 
     A file cut short by a killed write (no Parquet footer) is the job's own and holds rows that
     were never recorded as done: it is removed, and its rows are scored again.
@@ -428,6 +428,12 @@ def run(job: ScoreJob) -> dict[str, Any]:
         "rows": {"total": len(rows), "ok": int(statuses.get("ok", 0)), "error": int(statuses.get("error", 0))},
         "files": {"total": len(written), "with_faces": int(files.get("ok", 0)),
                   "no_face": int(files.get("no_face", 0)), "error": int(files.get("error", 0))},
+        "labels": {label: int(count) for label, count in
+                   rows["predicted_label"].value_counts().reindex(job.checkpoint.labels, fill_value=0).items()},
+        # Readable files by the faces classified in each (0: no face found); errors are left out.
+        "faces_per_image": {str(faces): int(count) for faces, count in sorted(
+            rows[rows["status"] != "error"].drop_duplicates("path")["faces_in_image"].value_counts().items())},
+        "parquet_files": len(set(rows["file"])),
         "resumed_files": previous,
         "resumed_rows": len(kept),
         "skipped": job.skipped,
@@ -441,6 +447,37 @@ def run(job: ScoreJob) -> dict[str, Any]:
     with fs.open(join(root, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=2)
     return manifest
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def summary(manifest: dict[str, Any], widest: int = 5) -> str:
+    """What a run found, for the person who started it: file and face counts, the labels
+    predicted, how many faces the images held, and where the output is, so that nobody has to
+    open the Parquet to learn whether the run did what they meant. Images with `widest` faces or
+    more share one entry."""
+    rows, files = manifest["rows"], manifest["files"]
+    labels = sorted(((n, label) for label, n in manifest["labels"].items() if n), key=lambda x: (-x[0], x[1]))
+    spread: dict[str, int] = {}
+    for faces, count in manifest["faces_per_image"].items():
+        key = str(faces) if int(faces) < widest else f"{widest}+"
+        spread[key] = spread.get(key, 0) + count
+    per_image = ", ".join(f"{k} {'face' if k == '1' else 'faces'}: {n}" for k, n in spread.items())
+    output = manifest["output"]
+    lines = [
+        f"wrote {rows['total']} rows for {files['total']} files ({rows['ok']} faces, {files['no_face']} files "
+        f"without a face, {files['error']} error) to {output} at {manifest['images_per_s']} images/s",
+        f"  files:            {files['total']}: {files['with_faces']} with faces, {files['no_face']} without a "
+        f"face, {_plural(files['error'], 'error')}",
+        f"  faces classified: {manifest['faces']['total']} ({manifest['faces']['mode']} mode)",
+        f"  predicted:        {', '.join(f'{label} {n}' for n, label in labels) or 'nothing'}",
+        f"  files by faces:   {per_image or 'no readable file'}",
+        f"  Parquet:          {output}/ ({_plural(manifest['parquet_files'], 'file')})",
+        f"  manifest:         {output}/{MANIFEST}",
+    ]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -467,9 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = run(job)
     except StallError as exc:
         parser.exit(1, f"error: stalled: {exc}\n")
-    rows, files = manifest["rows"], manifest["files"]
-    print(f"wrote {rows['total']} rows for {files['total']} files ({rows['ok']} faces, {files['no_face']} files "
-          f"without a face, {files['error']} error) to {job.output} at {manifest['images_per_s']} images/s")
+    print(summary(manifest))
     return 0
 
 

@@ -149,6 +149,18 @@ def test_auto_mode_rows_per_face_boxes_no_face_and_errors(scored):
             in run.stdout)
     parquet = sorted(run.out.glob("*.parquet"))
     assert len(parquet) >= 3, "several Parquet files"
+    # The summary a person reads: counted again here from the rows themselves.
+    labels = ok["predicted_label"].value_counts()
+    assert run.manifest["labels"] == {label: int(labels.get(label, 0)) for label in LABELS}
+    assert run.manifest["faces_per_image"] == {"0": 1, "1": crops, "2": 1, "3": 1}
+    predicted = ", ".join(f"{label} {n}" for label, n in sorted(labels.items(), key=lambda x: (-x[1], x[0])))
+    for line in (f"  files:            {crops + 4}: {crops + 2} with faces, 1 without a face, 1 error",
+                 f"  faces classified: {crops + 5} (auto mode)",
+                 f"  predicted:        {predicted}",
+                 f"  files by faces:   0 faces: 1, 1 face: {crops}, 2 faces: 1, 3 faces: 1",
+                 f"  Parquet:          {run.out}/ ({len(parquet)} files)",
+                 f"  manifest:         {run.out}/_manifest.json"):
+        assert line in run.stdout.splitlines(), (line, run.stdout)
     for file in parquet:
         assert pq.read_schema(file).remove_metadata() == output_schema(LABELS).remove_metadata(), file
 

@@ -172,19 +172,30 @@ class DlibHogDetector:
     images are first shrunk to `max_side` pixels on their longer side (None: never), and
     `upsample` doubles the image that many times to find faces under its 80-pixel window.
     `threshold` moves the SVM's decision boundary (dlib's `adjust_threshold`); `border` frames
-    the image before detection (see `_with_border`).
+    the image before detection (see `_with_border`). With `fallback_threshold` (lower), an image
+    where nothing reaches `threshold` keeps the boxes that reach the fallback instead: a face that
+    is there but atypical (turned, unevenly lit) still gets a box, while an image with a confident
+    face never gains low-scoring ones. One scan serves both, at the lower threshold.
     """
 
     def __init__(
-        self, upsample: int = 0, threshold: float = 0.0, max_side: int | None = None, border: float = 0.0
+        self,
+        upsample: int = 0,
+        threshold: float = 0.0,
+        max_side: int | None = None,
+        border: float = 0.0,
+        fallback_threshold: float | None = None,
     ) -> None:
         import dlib
 
+        if fallback_threshold is not None and fallback_threshold > threshold:
+            raise ValueError(f"fallback_threshold {fallback_threshold} must not exceed threshold {threshold}")
         self._detector = dlib.get_frontal_face_detector()
         self.upsample = upsample
         self.threshold = threshold
         self.max_side = max_side
         self.border = border
+        self.fallback_threshold = fallback_threshold
 
     def detect(self, image: np.ndarray) -> list[Face]:
         gray = to_gray(image)
@@ -194,9 +205,13 @@ class DlibHogDetector:
             size = (round(gray.shape[1] / factor), round(gray.shape[0] / factor))
             gray = np.asarray(Image.fromarray(gray).resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0))
         framed, shift = _with_border(gray, self.border)
-        rects, scores, _ = self._detector.run(framed, self.upsample, self.threshold)
+        lowest = self.threshold if self.fallback_threshold is None else self.fallback_threshold
+        rects, scores, _ = self._detector.run(framed, self.upsample, lowest)
+        found = list(zip(rects, scores, strict=True))
+        if any(score >= self.threshold for _, score in found):
+            found = [(rect, score) for rect, score in found if score >= self.threshold]
         faces = []
-        for rect, score in zip(rects, scores, strict=True):
+        for rect, score in found:
             face = _unframed(Face(rect.left(), rect.top(), rect.width(), rect.height(), float(score)), shift)
             faces.append(
                 Face(

@@ -148,3 +148,19 @@ def test_face_config_reads_the_shipped_file_and_refuses_unknown_keys():
         face_config({"detector": "haar", "framin": {}})
     with pytest.raises(ValueError, match="face config"):
         face_config({"detector": "haar", "framing": {"scale": 1.2}})
+
+
+def test_a_fallback_threshold_finds_an_atypical_face_and_never_adds_boxes_beside_a_confident_one():
+    pytest.importorskip("dlib")
+    turned = Image.open(FACES / "surprise" / "PublicTest_10780425.jpg").convert("L").resize((192, 192))
+    turned = np.asarray(turned.rotate(25, resample=Image.Resampling.BILINEAR, fillcolor=128))
+    strict = detector("dlib_hog", border=0.3)
+    lenient = detector("dlib_hog", border=0.3, fallback_threshold=-0.6)
+    assert strict.detect(turned) == []
+    (face,) = lenient.detect(turned)
+    assert -0.6 <= face.score < 0 and 20 <= face.x + face.w / 2 <= 172
+    canvas = three_faces()
+    assert lenient.detect(canvas) == strict.detect(canvas)
+    assert lenient.detect(np.full((240, 320), 128, np.uint8)) == []
+    with pytest.raises(ValueError, match="must not exceed threshold"):
+        detector("dlib_hog", threshold=-1.0, fallback_threshold=0.0)

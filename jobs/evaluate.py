@@ -33,6 +33,7 @@ from emotion.evaluation.gate import verdict
 from emotion.evaluation.history import append_history, history_entry, read_history, read_reference
 from emotion.evaluation.report import render_html, with_crops
 from emotion.evaluation.sets import LabelledSet, join_truth, read_labelled_set, set_result
+from emotion.explain import Explainer
 from emotion.faces import FaceConfig, FaceFinder
 from emotion.uris import absolute_uri, filesystem
 from jobs.common import UsageError, sha256_of, start
@@ -65,6 +66,7 @@ class EvaluateJob:
     baseline: dict[str, Any] | None
     tolerance: float
     gallery: int
+    explain: bool
     bins: int
     overwrite: bool
     endpoint_url: str | None
@@ -95,6 +97,8 @@ def build_parser(conf: str = "evaluate") -> argparse.ArgumentParser:
     parser.add_argument("--tolerance", type=float, help="largest allowed drop of accuracy or macro-F1 (0.01 = 1 pt)")
     parser.add_argument("--gallery", type=int, help="most confident mistakes shown per set")
     parser.add_argument("--bins", type=int, help="confidence bins for calibration (ECE, reliability diagram)")
+    parser.add_argument("--explain", action=argparse.BooleanOptionalAction,
+                        help="Grad-CAM overlay of the predicted class beside each face of the mistakes gallery")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--actors", type=int, help="inference actors")
@@ -216,6 +220,7 @@ def plan_job(args: argparse.Namespace, run_id: str) -> EvaluateJob:
         baseline=baseline,
         tolerance=args.tolerance,
         gallery=args.gallery,
+        explain=args.explain,
         bins=args.bins,
         overwrite=args.overwrite,
         endpoint_url=args.endpoint_url,
@@ -297,7 +302,9 @@ def run(job: EvaluateJob, started_at: datetime) -> dict[str, Any]:
     with out_fs.open(f"{root}/{REPORT_JSON}", "w") as f:
         json.dump(report, f, indent=2)
     finder = FaceFinder(job.face_config, job.checkpoint.input_size, job.checkpoint.channels, job.pipeline.max_pixels)
-    mistakes = {labelled.name: with_crops(sets[labelled.name]["most_confident_mistakes"], finder, labelled.faces)
+    explainer = Explainer(job.checkpoint) if job.explain and job.gallery else None
+    mistakes = {labelled.name: with_crops(sets[labelled.name]["most_confident_mistakes"], finder, labelled.faces,
+                                          explainer)
                 for labelled in job.sets}
     with out_fs.open(f"{root}/{REPORT_HTML}", "w") as f:
         f.write(render_html(report, mistakes))

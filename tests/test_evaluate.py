@@ -271,8 +271,13 @@ class TestEvaluation:
         baseline = first["out"] / "report.json"
         args = ["--input", f"fer={sets['fer']}", "--input", f"ck={sets['ck']}", "--history", str(history),
                 "--baseline", str(baseline), "--tolerance", "0.01", "--batch-size", "16"]
-        assert evaluate.main([*args, "--output", str(root / "run2"), "--model", str(models["probe"])]) == 0
+        assert evaluate.main([*args, "--output", str(root / "run2"), "--model", str(models["probe"]),
+                              "--no-explain"]) == 0
         same = read_report(root / "run2")
+        html = (root / "run2" / "report.html").read_text()
+        shown = sum(len(r["most_confident_mistakes"]) for r in same["sets"].values())
+        assert shown > 0 and html.count('src="data:image/jpeg;base64,') == shown
+        assert html.count('src="data:image/png;base64,') == 2 * len(same["sets"]) and "Grad-CAM" not in html
         assert same["gate"] == {"tolerance": 0.01, "passed": True, "failures": []}
         assert same["comparison"]["previous"]["ck"]["accuracy"]["drop"] == pytest.approx(0, abs=1e-9)
         lines_before = (history / "history.jsonl").read_text()
@@ -304,9 +309,13 @@ class TestEvaluation:
         html = (first["out"] / "report.html").read_text()
         report = read_report(first["out"])
         assert "http://" not in html and "https://" not in html
-        assert html.count('src="data:image/png;base64,') == 2 * len(report["sets"])
         shown = sum(len(r["most_confident_mistakes"]) for r in report["sets"].values())
         assert shown > 0 and html.count('src="data:image/jpeg;base64,') == shown
+        # Two plots per set, and (--explain by default) a Grad-CAM overlay beside each crop, of the
+        # class the model said, in the gallery's order.
+        assert html.count('src="data:image/png;base64,') == 2 * len(report["sets"]) + shown
+        said = [m["predicted_label"] for r in report["sets"].values() for m in r["most_confident_mistakes"]]
+        assert [part.split('"', 1)[0] for part in html.split('alt="Grad-CAM of ')[1:]] == said
         assert f"{100 * report['sets']['fer']['accuracy']:.1f}%" in html
         assert "contempt" in html and "broken.jpg" in html
         if not CHROMIUM.exists():

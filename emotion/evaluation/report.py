@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from emotion.evaluation.plots import confusion_heatmap, reliability_diagram
+from emotion.explain import Explainer, overlay, png_bytes
 from emotion.faces import FaceFinder
 from emotion.folders import read_many
 
@@ -32,6 +33,7 @@ table{border-collapse:collapse;margin:8px 0} td,th{border:1px solid #ddd;padding
 th:first-child,td:first-child{text-align:left} .figs{display:flex;gap:16px;flex-wrap:wrap}
 .gallery{display:flex;flex-wrap:wrap;gap:10px} .gallery figure{margin:0;width:120px;font-size:12px}
 .gallery img{width:96px;height:96px;object-fit:contain;background:#eee;display:block}
+.gallery figure:has(.pair){width:200px} .pair{display:flex;gap:4px}
 .down{color:#b71c1c} .up{color:#1b5e20}
 """
 
@@ -45,16 +47,33 @@ def thumbnail(pixels: np.ndarray, size: int = THUMBNAIL) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def with_crops(mistakes: list[dict[str, Any]], finder: FaceFinder, faces: str) -> list[dict[str, Any]]:
+def with_crops(mistakes: list[dict[str, Any]], finder: FaceFinder, faces: str,
+               explainer: Explainer | None = None) -> list[dict[str, Any]]:
     """Each mistake with the thumbnail of the crop its prediction was made on (None when the file
     no longer yields it): the file is read again and cut by a FaceFinder built from the settings
-    the pipeline used, which is deterministic, so the crop is the one classified."""
+    the pipeline used, which is deterministic, so the crop is the one classified.
+
+    With an `explainer`, each crop also gets `overlay`: a base64 PNG of its Grad-CAM heatmap for
+    the class the model predicted, so a reviewer sees what the wrong answer rested on. Only the
+    gallery's few faces are explained, in one batch, here in the driver: the pipeline never pays
+    for gradients."""
     images = read_many([m["path"] for m in mistakes])
     shown = []
-    for mistake, data in zip(mistakes, images, strict=True):
+    pixels = {}
+    for i, (mistake, data) in enumerate(zip(mistakes, images, strict=True)):
         crops = finder.find(data, faces).crops
         index = mistake["face_index"]
+        if index < len(crops):
+            pixels[i] = crops[index].pixels
         shown.append(mistake | {"thumbnail": thumbnail(crops[index].pixels) if index < len(crops) else None})
+    if explainer is not None and pixels:
+        labels = explainer.checkpoint.labels
+        order = sorted(pixels)
+        explanations = explainer.explain(np.stack([pixels[i] for i in order]),
+                                         [labels.index(shown[i]["predicted_label"]) for i in order])
+        for i, explanation in zip(order, explanations, strict=True):
+            image = overlay(pixels[i], explanation.heatmap, side=THUMBNAIL)
+            shown[i]["overlay"] = base64.b64encode(png_bytes(image)).decode("ascii")
     return shown
 
 
@@ -147,6 +166,10 @@ def _gallery(mistakes: list[dict[str, Any]]) -> str:
     for m in mistakes:
         image = (f'<img alt="" src="data:image/jpeg;base64,{m["thumbnail"]}">' if m.get("thumbnail")
                  else '<div class="muted">no preview</div>')
+        if m.get("overlay"):
+            image = (f'<div class="pair">{image}<img alt="Grad-CAM of {escape(m["predicted_label"])}" '
+                     f'title="Grad-CAM: where the model found {escape(m["predicted_label"])}" '
+                     f'src="data:image/png;base64,{m["overlay"]}"></div>')
         figures.append(
             f'<figure title="{escape(m["path"])}">{image}<figcaption>true <b>{escape(m["true_label"])}</b>, '
             f'said <b>{escape(m["predicted_label"])}</b> at {_pct(m["confidence"])}</figcaption></figure>'
@@ -166,7 +189,9 @@ def _set_section(result: dict[str, Any], comparison: dict[str, Any], mistakes: l
         f"<figcaption>Confusion matrix (row-normalised; numbers are counts)</figcaption></figure>"
         f'<figure><img alt="reliability diagram" src="data:image/png;base64,{reliability}">'
         f"<figcaption>Reliability diagram</figcaption></figure></div>"
-        f"<h3>Most confident mistakes <small class='muted'>(the crop the model saw)</small></h3>"
+        f"<h3>Most confident mistakes <small class='muted'>(the crop the model saw"
+        f"{', and beside it Grad-CAM of the class it said' if any(m.get('overlay') for m in mistakes) else ''})"
+        f"</small></h3>"
         f"{_gallery(mistakes)}"
     )
 

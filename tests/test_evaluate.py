@@ -158,6 +158,15 @@ def test_unusable_set_fails_at_once_with_one_line(tmp_path, tiny_checkpoint_path
     assert time.monotonic() - started < 60
 
 
+def test_onnxruntime_with_bf16_fails_before_any_work(tmp_path, tiny_checkpoint_path):
+    result = run_cli("--input", f"ck={tmp_path / 'set'}", "--output", str(tmp_path / "out"),
+                     "--model", str(tiny_checkpoint_path), "--backend", "onnxruntime", "--precision", "bf16")
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: --backend onnxruntime runs float32 on the CPU: --precision bf16 is not "
+                                     "possible (use auto or fp32)")
+    assert not (tmp_path / "out").exists()
+
+
 def test_duplicate_set_names_fail_before_any_listing(tmp_path, tiny_checkpoint_path):
     result = run_cli("--input", "a=/nonexistent/one", "--input", "a=/nonexistent/two",
                      "--output", str(tmp_path / "out"), "--model", str(tiny_checkpoint_path))

@@ -290,11 +290,23 @@ def _output_rows(job: ScoreJob) -> pd.DataFrame:
     fs, _ = filesystem(job.output)
     tables = []
     for path in _parquet_files(job):
-        try:
-            with fs.open(path, "rb") as f:
-                table = pq.read_table(f, columns=_ROW_COLUMNS)
-        except (OSError, pyarrow.ArrowInvalid) as exc:
-            log.warning("removing %s, cut short by an interrupted write (%s); its rows are scored again", path, exc)
+        with fs.open(path, "rb") as f:
+            # Only a missing or unreadable footer means a cut-short write; a complete file without
+            # the job's columns is someone else's and is refused, never removed.
+            try:
+                parquet = pq.ParquetFile(f)
+            except (OSError, pyarrow.ArrowInvalid) as exc:
+                cut_short = exc
+            else:
+                cut_short = None
+                missing = sorted(set(_ROW_COLUMNS) - set(parquet.schema_arrow.names))
+                if missing:
+                    raise RuntimeError(f"{path} is not this job's output (no column {', '.join(missing)}); "
+                                       "move it out of the output folder and rerun")
+                table = parquet.read(columns=_ROW_COLUMNS)
+        if cut_short is not None:
+            log.warning("removing %s, cut short by an interrupted write (%s); its rows are scored again",
+                        path, cut_short)
             fs.rm_file(path)
             continue
         tables.append(table.to_pandas().assign(file=path))

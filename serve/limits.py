@@ -21,6 +21,13 @@ Scope = dict[str, Any]
 # Time a connection gets for its first round trips before its upload rate is judged.
 RATE_GRACE_S = 2.0
 
+# An answer sent while the client is still sending is often lost: closing a connection with
+# unread data makes the kernel reset it, and the reset can overtake the answer. So a refused
+# body is read and thrown away first, when it is at most this many times the limit and arrives
+# within DRAIN_S; a larger or slower one is cut off as before.
+DRAIN_FACTOR = 4
+DRAIN_S = 5.0
+
 
 class UploadLimit:
     """Answers 413 beyond `max_bytes` of body, 408 for a body too slow or not complete in time.
@@ -42,6 +49,21 @@ class UploadLimit:
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
+    async def _drain(self, receive: Any, received: int) -> None:
+        """Read and discard the rest of a refused body, within DRAIN_FACTOR and DRAIN_S."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + DRAIN_S
+        while received <= DRAIN_FACTOR * self.max_bytes:
+            try:
+                message = await asyncio.wait_for(receive(), until - loop.time())
+            except TimeoutError:
+                return
+            if message["type"] != "http.request":
+                return
+            received += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
     def _deadline(self, started: float, received: int) -> tuple[float, str] | None:
         """When the next part of the body is due, and what to tell a client that misses it."""
         due: list[tuple[float, str]] = []
@@ -58,6 +80,8 @@ class UploadLimit:
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            if int(declared) <= DRAIN_FACTOR * self.max_bytes:
+                await self._drain(receive, 0)
             await self._reject(send, 413, f"upload larger than {self.max_bytes} bytes")
             return
         loop = asyncio.get_running_loop()
@@ -78,9 +102,9 @@ class UploadLimit:
                     raise _TooSlow(f"{deadline[1]} ({received} bytes received)") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_complete = not message.get("more_body", False)
                 if received > self.max_bytes:
                     raise _TooLarge
-                body_complete = not message.get("more_body", False)
             return message
 
         async def tracking_send(message: dict[str, Any]) -> None:
@@ -92,6 +116,8 @@ class UploadLimit:
             await self.app(scope, guarded_receive, tracking_send)
         except _TooLarge:
             if not responded:
+                if not body_complete:
+                    await self._drain(receive, received)
                 await self._reject(send, 413, f"upload larger than {self.max_bytes} bytes")
         except _TooSlow as slow:
             if not responded:

@@ -22,10 +22,11 @@ async def read_body(scope, receive, send) -> None:
 
 
 def call(middleware: UploadLimit, chunks: list[tuple[float, bytes]], headers=()) -> tuple[int, str]:
-    """Send `chunks` as (delay before it, bytes) and return the status and body of the answer."""
+    """Send `chunks` as (delay before it, bytes) and return the status and body of the answer;
+    the chunks never read are left in `chunks`."""
 
     async def run() -> tuple[int, str]:
-        pending = list(chunks)
+        pending = chunks
         answer: list[dict] = []
 
         async def receive() -> dict:
@@ -78,3 +79,19 @@ def test_sizes_are_still_limited():
     assert call(middleware, [(0.0, b"a" * 60), (0.0, b"a" * 60)])[0] == 413
     declared = call(middleware, [(0.0, b"a")], headers=[(b"content-length", b"101")])
     assert declared == (413, json.dumps({"detail": "upload larger than 100 bytes"}))
+
+
+def test_a_refused_body_is_read_to_its_end_before_the_answer_unless_it_is_huge():
+    middleware = UploadLimit(read_body, max_bytes=100, timeout_s=1.0, min_rate=100)
+    declared = [(0.0, b"a" * 100)] * 3
+    assert call(middleware, declared, headers=[(b"content-length", b"300")])[0] == 413
+    assert declared == [], "read to the end, so that closing the connection does not reset it"
+    streamed = [(0.0, b"a" * 60)] * 4
+    assert call(middleware, streamed)[0] == 413
+    assert streamed == []
+    huge = [(0.0, b"a" * 100)] * 3
+    assert call(middleware, huge, headers=[(b"content-length", str(10**9).encode())])[0] == 413
+    assert len(huge) == 3, "far beyond the limit: cut off, not read"
+    endless = [(0.0, b"a" * 100)] * 10
+    assert call(middleware, endless)[0] == 413
+    assert len(endless) == 10 - 5, "a stream is read at most to four times the limit"

@@ -207,7 +207,8 @@ def test_resume_after_a_partial_output_gives_each_file_once(scored, model_path):
 
 def write_rows(path: Path, rows: list[tuple[str, int, int]]) -> None:
     """A Parquet file of (path, face_index, faces_in_image) rows, with the job's other columns empty."""
-    table = pd.DataFrame(rows, columns=["path", "face_index", "faces_in_image"]).assign(status="ok")
+    table = pd.DataFrame(rows, columns=["path", "face_index", "faces_in_image"]).assign(status="ok",
+                                                                                        predicted_label="happy")
     table.to_parquet(path, index=False)
 
 
@@ -225,6 +226,18 @@ def test_reconcile_keeps_complete_files_once_and_drops_half_written_ones(tmp_pat
     assert sorted(rows.loc[rows["path"] == "split", "face_index"]) == [0, 1, 2]
     assert not (tmp_path / "c.parquet").exists(), "a file left without rows is removed"
     assert _reconcile(job, _output_rows(job)).equals(rows), "a second pass changes nothing"
+
+
+def test_a_cut_short_file_is_removed_and_a_foreign_one_refused_and_kept(tmp_path):
+    write_rows(tmp_path / "a.parquet", [("one", 0, 1)])
+    (tmp_path / "b.parquet").write_bytes((tmp_path / "a.parquet").read_bytes()[:40])
+    job = SimpleNamespace(output=str(tmp_path))
+    assert list(_output_rows(job)["path"]) == ["one"]
+    assert not (tmp_path / "b.parquet").exists(), "a killed write's remains are the job's own"
+    pd.DataFrame({"path": ["theirs"], "score": [1.0]}).to_parquet(tmp_path / "c.parquet", index=False)
+    with pytest.raises(RuntimeError, match=r"c.parquet is not this job's output \(no column face_index, "):
+        _output_rows(job)
+    assert (tmp_path / "c.parquet").exists()
 
 
 def test_bad_face_settings_are_one_line_before_any_work(tmp_path):

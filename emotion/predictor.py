@@ -1,6 +1,7 @@
 """`Predictor`: one loaded model, the only thing a batch actor or a Serve replica holds."""
 
 import contextlib
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,13 @@ BACKENDS = ("torch", "onnxruntime")
 # Forward passes on CPU go through the network in slices of this many images, so the activations
 # of a slice stay in the cache between layers (measured in docs/benchmarks.md).
 CPU_MICRO_BATCH = 16
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+# precision "auto" times this many faces in each precision when the CPU could run bf16, and
+# keeps bf16 only when float32 takes BF16_MARGIN times as long or more.
+TIMING_BATCH = 64
+BF16_MARGIN = 1.2
 
 
 def prediction_columns(probs: np.ndarray, labels: Sequence[str]) -> dict[str, np.ndarray]:
@@ -64,8 +72,9 @@ class Predictor:
 
     Preprocessing is taken from the checkpoint, never from the caller, so every entry point feeds
     the network exactly what it was trained on. `precision="auto"` runs bfloat16 where the device
-    has native instructions for it (AVX512-BF16 or AMX CPUs, recent GPUs), at a small cost in the
-    probabilities' precision (measured in docs/benchmarks.md and the model card).
+    has native instructions for it (recent GPUs; AVX512-BF16 or AMX CPUs where a timed batch shows
+    it faster than float32), at a small cost in the probabilities' precision (measured in
+    docs/benchmarks.md and the model card); `precision` says which was chosen.
 
     The loaded network is prepared for inference only: batch norms are folded into the
     convolutions before them and, in bfloat16, the weights are cast once rather than on every
@@ -101,8 +110,25 @@ class Predictor:
             self.model = OnnxNetwork(export_bytes(self.checkpoint), threads=torch.get_num_threads())
         else:
             self.precision = resolve_precision(precision, self.device)
-            self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+            self.dtype = DTYPES[self.precision]
             self.model = _inference_network(self.checkpoint.build(), self.device, self.dtype)
+            if precision == "auto" and self.precision == "bf16" and self.device.type == "cpu":
+                self._keep_bf16_only_if_faster()
+
+    @torch.inference_mode()
+    def _keep_bf16_only_if_faster(self) -> None:
+        """Time one batch in bf16 and in float32 and keep float32 unless bf16 is clearly faster.
+
+        Native bf16 instructions do not make every CPU faster at it: on some the conversions cost
+        more than the arithmetic saves (docs/benchmarks.md has both kinds of host). The margin
+        keeps the choice from resting on timing noise, so replicas on one host agree.
+        """
+        ckpt = self.checkpoint
+        sample = torch.zeros(TIMING_BATCH, ckpt.channels, ckpt.input_size, ckpt.input_size, device=self.device)
+        fp32 = _inference_network(ckpt.build(), self.device, torch.float32)
+        bf16_seconds = _seconds_per_batch(self.model, sample.to(torch.bfloat16))
+        if _seconds_per_batch(fp32, sample) < BF16_MARGIN * bf16_seconds:
+            self.precision, self.dtype, self.model = "fp32", torch.float32, fp32
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -142,8 +168,7 @@ class Predictor:
         return flip_averaged_logits(self._forward, batch, self.flip_margin).cpu()
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
-        step = CPU_MICRO_BATCH if self.device.type == "cpu" else max(len(batch), 1)
-        return torch.cat([self.model(batch[i : i + step]) for i in range(0, len(batch), step)])
+        return _micro_batched(self.model, batch)
 
     def predict_bytes(self, images: list[bytes]) -> list[dict[str, Any]]:
         """One result per input: label, confidence and probabilities, or the decoding error."""
@@ -159,6 +184,22 @@ class Predictor:
             results[i] = {"status": "ok", "error": None, **prediction_record(row, self.labels),
                           "width": decoded[i].width, "height": decoded[i].height}
         return results
+
+
+def _micro_batched(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    step = CPU_MICRO_BATCH if batch.device.type == "cpu" else max(len(batch), 1)
+    return torch.cat([model(batch[i : i + step]) for i in range(0, len(batch), step)])
+
+
+def _seconds_per_batch(model: nn.Module, batch: torch.Tensor, repeats: int = 3) -> float:
+    """The fastest of `repeats` timed passes, after one untimed pass that warms caches and kernels."""
+    _micro_batched(model, batch)
+    timings = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        _micro_batched(model, batch)
+        timings.append(time.perf_counter() - started)
+    return min(timings)
 
 
 def _inference_network(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:

@@ -46,7 +46,6 @@ import emotion
 from emotion.checkpoint import load_checkpoint
 from emotion.explain import Explainer, overlay, png_bytes
 from emotion.faces import FACE_MODES, Face, FaceConfig, FaceCrop, FaceFinder, FacesInImage, load_face_config
-from emotion.precision import resolve_precision
 from emotion.predictor import BACKENDS, Predictor, pick_device, prediction_record
 from emotion.preprocess import decode_upright
 from serve.annotate import LabelledFace, annotated_png
@@ -189,12 +188,10 @@ class Emotion:
         # sharing a node would oversubscribe its cores (docs/benchmarks.md).
         reserved = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         torch.set_num_threads(settings.threads_per_actor or max(int(reserved), 1))
-        # ONNX Runtime runs float32 on the CPU (build_app refuses any other device or precision
-        # for it), so the replica reports what it really runs rather than what a GPU would pick.
-        onnx = settings.backend == "onnxruntime"
-        device = "cpu" if onnx else settings.device
+        # ONNX Runtime runs on the CPU (build_app refuses any other device for it), so the replica
+        # reports what it really runs on rather than what a GPU would pick.
+        device = "cpu" if settings.backend == "onnxruntime" else settings.device
         self.device = pick_device(device)
-        self.precision = "fp32" if onnx else resolve_precision(settings.precision, self.device)
         self.loaded: dict[str, _Resident] = {}
         face_config = load_face_config(settings.face_config or DEFAULT_FACE_CONFIG)
 
@@ -333,7 +330,9 @@ class Emotion:
 
     async def health(self) -> dict[str, Any]:
         """For load balancers' probes: reports, and never loads or evicts a model."""
-        return {"status": "ok", "device": str(self.device), "precision": self.precision,
+        # Precision is per model: "auto" times each network on this replica's CPU.
+        precisions = {name: resident.predictor.precision for name, resident in sorted(self.loaded.items())}
+        return {"status": "ok", "device": str(self.device), "precision": precisions,
                 "backend": self.settings.backend, "models": sorted(self.settings.models),
                 "loaded_models": sorted(self.loaded)}
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from emotion import precision, predictor
 from emotion.checkpoint import save_checkpoint
 from emotion.predictor import CPU_MICRO_BATCH, Predictor, pick_device, prediction_columns
 from emotion.preprocess import normalize
@@ -110,3 +111,22 @@ def test_prediction_columns_are_the_one_record_of_a_row():
     assert columns["confidence"][[0, 2]].tolist() == pytest.approx([0.6, 0.5]) and np.isnan(columns["confidence"][1])
     assert columns["prob_c"][[0, 2]].tolist() == pytest.approx([0.3, 0.3])
     assert all(len(v) == 0 for v in prediction_columns(np.zeros((0, 3), np.float32), ("a", "b", "c")).values())
+
+
+@pytest.mark.parametrize(("bf16_speedup", "chosen"), [(2.0, "bf16"), (1.1, "fp32"), (0.7, "fp32")])
+def test_auto_keeps_bf16_only_where_a_timed_batch_shows_it_clearly_faster(monkeypatch, bf16_speedup, chosen):
+    monkeypatch.setattr(predictor, "_seconds_per_batch",
+                        lambda model, batch: 1.0 / (bf16_speedup if batch.dtype == torch.bfloat16 else 1.0))
+    monkeypatch.setattr(precision, "fast_bf16", lambda device: True)
+    auto = Predictor(tiny_checkpoint(), precision="auto")
+    assert (auto.precision, auto.dtype) == (chosen, predictor.DTYPES[chosen])
+    assert next(auto.model.parameters()).dtype == auto.dtype
+    faces = np.random.default_rng(0).integers(0, 256, (3, 48, 48, 1), dtype=np.uint8)
+    assert np.allclose(auto.predict_pixels(faces), Predictor(tiny_checkpoint(), precision=chosen).predict_pixels(faces))
+    assert Predictor(tiny_checkpoint(), precision="bf16").precision == "bf16", "a forced precision is not timed"
+
+
+def test_auto_without_bf16_instructions_is_float32_untimed(monkeypatch):
+    monkeypatch.setattr(predictor, "_seconds_per_batch", lambda model, batch: pytest.fail("timed"))
+    monkeypatch.setattr(precision, "fast_bf16", lambda device: False)
+    assert Predictor(tiny_checkpoint(), precision="auto").precision == "fp32"

@@ -404,7 +404,7 @@ def test_health_never_loads_or_evicts_a_model(service):
     for _ in range(3):
         health = httpx.get(url + "/health").json()
         assert health["loaded_models"] == ["beta"] and health["models"] == ["alpha", "beta"]
-        assert health["device"] == "cpu" and health["precision"] == "fp32"
+        assert health["device"] == "cpu" and health["precision"] == {"beta": "fp32"}
     assert httpx.get(url + "/stats").json()["loaded_models"] == ["beta"]
 
 

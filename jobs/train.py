@@ -21,6 +21,7 @@ from ray.train.torch import TorchTrainer
 from emotion.checkpoint import CheckpointError, load_checkpoint
 from emotion.models import available_architectures
 from emotion.training.config import RunOptions, TrainConfig
+from emotion.training.distill import Distillation
 from emotion.training.loop import CHECKPOINT_FILE, train_loop_per_worker
 from emotion.training.tracking import log_result
 from emotion.uris import absolute_uri, filesystem
@@ -37,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--arch-kwargs", type=json.loads, help='JSON, e.g. \'{"image_size": 48}\'')
     parser.add_argument("--augmentation", type=json.loads,
                         help='JSON keywords of emotion.training.augment.augment_faces, e.g. \'{"warp_fraction": 0}\'')
+    parser.add_argument("--distillation", type=json.loads,
+                        help='JSON, e.g. \'{"teacher": "ensemble.pt", "weight": 0.5, "temperature": 2}\': '
+                             "also learn from a trained model's softened outputs")
     parser.add_argument("--input-size", type=int)
     parser.add_argument("--channels", type=int, choices=(1, 3))
     parser.add_argument("--epochs", type=int)
@@ -78,6 +82,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             if not fs.isdir(path):
                 parser.error(f"--{flag} {uri}: no such folder")
             setattr(args, flag, absolute_uri(uri))
+    if args.distillation is not None:
+        try:
+            distillation = Distillation.from_setting(args.distillation)
+            load_checkpoint(distillation.teacher)
+        except (ValueError, OSError) as exc:
+            parser.error(f"--distillation: {exc}")
+        args.distillation = asdict(distillation) | {"teacher": absolute_uri(distillation.teacher)}
     args.output, args.storage = absolute_uri(args.output), absolute_uri(os.path.expanduser(args.storage))
     if args.mlflow_uri and "://" not in args.mlflow_uri:
         # A local folder, given as a file URI: the workers' working directory is not the driver's.

@@ -32,6 +32,9 @@ class TrainConfig:
     seed: int
     limit_per_class: int | None
     augmentation: dict[str, Any]
+    # {"teacher", "weight", "temperature"} (emotion.training.distill) or None; one key, so that a
+    # run recorded before distillation existed resumes as a run without it.
+    distillation: dict[str, Any] | None
     name: str
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from sklearn.metrics import classification_report, f1_score
 
 from emotion.calibration import calibration_error, fit_temperature
-from emotion.checkpoint import new_checkpoint, save_checkpoint
+from emotion.checkpoint import load_checkpoint, new_checkpoint, save_checkpoint
 from emotion.flip import flip_averaged_logits
 from emotion.labels import LABELS
 from emotion.models import build_model
@@ -34,6 +34,7 @@ from emotion.training import tracking
 from emotion.training.augment import augment_faces
 from emotion.training.config import RunOptions, TrainConfig
 from emotion.training.data import class_weights, split_data
+from emotion.training.distill import Distillation, Teacher, distillation_loss
 from emotion.uris import portable_name
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     weights = class_weights(train.targets, cfg.class_weight_power).to(device)
+    distillation = Distillation.from_setting(cfg.distillation) if cfg.distillation is not None else None
+    teacher = None
+    if distillation is not None:
+        teacher = Teacher(load_checkpoint(distillation.teacher), device, mean, std, cfg.input_size)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay
     )
@@ -197,6 +202,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss = F.cross_entropy(
                 logits.float(), yb, weight=weights, label_smoothing=cfg.label_smoothing
             )
+            if teacher is not None:
+                with autocast(precision, device):
+                    taught = teacher.logits(xb)
+                loss = (1 - distillation.weight) * loss + distillation.weight * distillation_loss(
+                    logits.float(), taught, distillation.temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -271,9 +281,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     std=std,
                     name=cfg.name,
                     trained_on=f"{portable_name(cfg.train)} ({len(y_train)} images); selected on "
-                    f"{validation or f'a stratified {cfg.val_fraction:.0%} split'} ({len(y_val)} images)",
+                    f"{validation or f'a stratified {cfg.val_fraction:.0%} split'} ({len(y_val)} images)"
+                    + (f"; distilled from {portable_name(distillation.teacher)}" if distillation is not None else ""),
                     recipe=asdict(cfg) | {"train": portable_name(cfg.train), "validation": validation,
-                                          "precision": precision, "workers": world},
+                                          "precision": precision, "workers": world,
+                                          "distillation": None if distillation is None else asdict(distillation)
+                                          | {"teacher": portable_name(distillation.teacher)}},
                     metrics={"validation": metrics | calibrated | {"per_class": report}},
                     test_time_flip=True,
                     temperature=calibrated["temperature"],

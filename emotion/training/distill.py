@@ -1,0 +1,83 @@
+"""Knowledge distillation: a student learns from a trained teacher's softened outputs as well as
+from the labels.
+
+An ensemble of networks is more accurate than any one of them and as many times slower; a single
+student trained to match its outputs keeps much of the gain at one network's cost. The teacher
+sees each augmented batch the student sees, and the loss is
+
+    (1 - weight) * cross-entropy(labels) + weight * T^2 * KL(teacher_T || student_T)
+
+where `_T` is the softmax at temperature T: a higher T exposes how the teacher ranks the wrong
+classes (a sad face that looks half fearful), which is what the labels cannot teach. The T^2
+keeps the term's gradients on the scale of the cross-entropy's as T changes.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from emotion.checkpoint import Checkpoint
+from emotion.labels import LABELS
+
+KEYS = ("teacher", "weight", "temperature")
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """A recipe's `distillation` setting: the teacher checkpoint and how much to heed it."""
+
+    teacher: str
+    weight: float
+    temperature: float
+
+    @classmethod
+    def from_setting(cls, setting: dict[str, Any]) -> "Distillation":
+        """The setting as given by `--distillation` or a stored recipe; ValueError says what is wrong."""
+        if not isinstance(setting, dict) or sorted(setting) != sorted(KEYS):
+            raise ValueError(f"expected a JSON object with exactly the keys {', '.join(KEYS)}")
+        weight, temperature = setting["weight"], setting["temperature"]
+        if not isinstance(weight, int | float) or not 0 < weight <= 1:
+            raise ValueError(f"weight must be a number in (0, 1], not {weight!r}")
+        if not isinstance(temperature, int | float) or temperature <= 0:
+            raise ValueError(f"temperature must be a positive number, not {temperature!r}")
+        return cls(str(setting["teacher"]), float(weight), float(temperature))
+
+
+class Teacher:
+    """A trained checkpoint, any architecture or an ensemble, run in eval mode beside the student.
+
+    The student's inputs are normalised with its own training set's mean and std; the teacher's
+    were normalised with the ones stored in its checkpoint, so each batch is mapped back to the
+    teacher's scale before it sees it.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, device: torch.device, mean: tuple[float, ...],
+                 std: tuple[float, ...], input_size: int) -> None:
+        if tuple(checkpoint.labels) != tuple(LABELS):
+            raise ValueError(f"teacher labels {list(checkpoint.labels)} are not the model's {list(LABELS)}")
+        if (checkpoint.input_size, checkpoint.channels) != (input_size, len(mean)):
+            raise ValueError(f"teacher takes {checkpoint.channels}x{checkpoint.input_size}x{checkpoint.input_size}, "
+                             f"the student {len(mean)}x{input_size}x{input_size}")
+        self.network = checkpoint.build().eval().to(device, memory_format=torch.channels_last)
+        for parameter in self.network.parameters():
+            parameter.requires_grad_(False)
+
+        def per_channel(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, device=device).view(1, -1, 1, 1)
+
+        teacher_mean, teacher_std = per_channel(list(checkpoint.mean)), per_channel(list(checkpoint.std))
+        self.scale = per_channel(list(std)) / teacher_std
+        self.shift = (per_channel(list(mean)) - teacher_mean) / teacher_std
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits (an ensemble's mean log-probabilities) for a student-normalised batch."""
+        return self.network(x * self.scale.to(x.dtype) + self.shift.to(x.dtype)).float()
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), averaged over the batch."""
+    return F.kl_div(F.log_softmax(student / temperature, dim=1), F.log_softmax(teacher / temperature, dim=1),
+                    log_target=True, reduction="batchmean") * temperature**2

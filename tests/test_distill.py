@@ -1,0 +1,102 @@
+"""Distillation: the loss, the teacher's view of a batch, the setting, and a real run that follows
+its teacher."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from emotion.checkpoint import load_checkpoint, save_checkpoint
+from emotion.labels import LABELS
+from emotion.predictor import Predictor
+from emotion.preprocess import normalize
+from emotion.training.distill import Distillation, Teacher, distillation_loss
+from tests.conftest import tiny_checkpoint
+from tests.services import ROOT
+from tests.test_score_faces import always
+from tests.test_train import synthetic_faces
+
+
+def test_the_loss_is_zero_for_a_student_that_matches_and_grows_with_the_gap():
+    teacher = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 0.0]])
+    assert distillation_loss(teacher.clone(), teacher, 2.0).item() == pytest.approx(0, abs=1e-6)
+    near, far = teacher + torch.tensor([0.3, 0.0, 0.0]), teacher + torch.tensor([3.0, 0.0, 0.0])
+    assert 0 < distillation_loss(near, teacher, 2.0) < distillation_loss(far, teacher, 2.0)
+    # A constant added to every logit changes no probability.
+    assert distillation_loss(teacher + 5.0, teacher, 2.0).item() == pytest.approx(0, abs=1e-5)
+
+
+def test_the_teacher_sees_each_face_as_its_own_predictor_would():
+    """Student and teacher normalise with different mean and std; the teacher's logits for a
+    student-normalised batch are the ones its own Predictor computes from the same pixels."""
+    checkpoint = tiny_checkpoint(mean=(0.4,), std=(0.3,))
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 48, 48, 1), dtype=np.uint8)
+    student_mean, student_std = (0.55,), (0.2,)
+    teacher = Teacher(checkpoint, torch.device("cpu"), student_mean, student_std, 48)
+    got = teacher.logits(torch.from_numpy(normalize(pixels, student_mean, student_std)))
+    own = checkpoint.build().eval()(torch.from_numpy(normalize(pixels, checkpoint.mean, checkpoint.std)))
+    assert torch.allclose(got, own.detach(), atol=1e-4)
+    assert not any(p.requires_grad for p in teacher.network.parameters())
+
+
+def test_a_teacher_with_other_labels_or_inputs_is_refused():
+    reordered = dataclasses.replace(tiny_checkpoint(), labels=tuple(reversed(LABELS)))
+    with pytest.raises(ValueError, match="teacher labels"):
+        Teacher(reordered, torch.device("cpu"), (0.5,), (0.25,), 48)
+    with pytest.raises(ValueError, match="teacher takes 1x48x48, the student 1x64x64"):
+        Teacher(tiny_checkpoint(), torch.device("cpu"), (0.5,), (0.25,), 64)
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"teacher": "t.pt", "weight": 0.5}, "exactly the keys teacher, weight, temperature"),
+    ({"teacher": "t.pt", "weight": 0, "temperature": 2}, "weight must be a number in (0, 1], not 0"),
+    ({"teacher": "t.pt", "weight": 0.5, "temperature": -1}, "temperature must be a positive number, not -1"),
+    ("t.pt", "expected a JSON object"),
+])
+def test_a_bad_setting_says_what_is_wrong(setting, message):
+    with pytest.raises(ValueError) as error:
+        Distillation.from_setting(setting)
+    assert message in str(error.value)
+
+
+def train(tmp_path, *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "jobs.train", "--train", str(tmp_path / "train"), "--output",
+               str(tmp_path / "student.pt"), "--epochs", "4", "--batch-size", "16", "--lr", "0.02",
+               "--arch-kwargs", json.dumps({"widths": [8, 16], "depth": 2}), "--val-fraction", "0.25",
+               "--storage", str(tmp_path / "runs"), "--name", "student", *extra]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, RAY_ADDRESS="local"))
+
+
+def test_a_bad_distillation_flag_is_one_line_before_any_work(tmp_path):
+    synthetic_faces(tmp_path / "train", per_class=2)
+    result = train(tmp_path, "--distillation", json.dumps({"teacher": str(tmp_path / "nope.pt"), "weight": 0.5,
+                                                           "temperature": 2}))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (f"python -m jobs.train: error: --distillation: "
+                                                      f"{tmp_path / 'nope.pt'}: no such checkpoint file")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_a_student_taught_only_by_its_teacher_learns_the_teachers_answer(tmp_path):
+    """With weight 1 the labels count for nothing: a teacher that answers "happy" to every face
+    leaves a student that answers "happy" to the training faces of every class, where one taught
+    by the labels tells them apart."""
+    synthetic_faces(tmp_path / "train")
+    save_checkpoint(always("happy"), tmp_path / "teacher.pt")
+    result = train(tmp_path, "--distillation", json.dumps({"teacher": str(tmp_path / "teacher.pt"), "weight": 1.0,
+                                                           "temperature": 2}))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    student = load_checkpoint(tmp_path / "student.pt")
+    assert student.recipe["distillation"] == {"teacher": f"{tmp_path.name}/teacher.pt", "weight": 1.0,
+                                              "temperature": 2.0}
+    assert student.trained_on.endswith(f"; distilled from {tmp_path.name}/teacher.pt")
+    answers = [row["predicted_label"] for row in Predictor(student, precision="fp32").predict_bytes(
+        [path.read_bytes() for path in sorted((tmp_path / "train").glob("*/*"))])]
+    assert answers.count("happy") / len(answers) > 0.9

@@ -62,6 +62,8 @@ def main() -> None:
         ("shipped", shipped),
         ("mirror every image", Predictor(args.model, device="cpu", flip_margin=1)),
         ("no mirroring", Predictor(args.model, device="cpu", flip_margin=0)),
+        ("bf16, shipped", Predictor(args.model, device="cpu", precision="bf16")),
+        ("bf16, no mirroring", Predictor(args.model, device="cpu", precision="bf16", flip_margin=0)),
         ("fp32, shipped", Predictor(args.model, device="cpu", precision="fp32")),
         ("fp32, no mirroring", Predictor(args.model, device="cpu", precision="fp32", flip_margin=0)),
     ]

@@ -12,6 +12,12 @@ app = FastAPI(title="baseline")
 predictor = Predictor(device="cpu")
 
 
+@app.get("/health")
+def health() -> dict:
+    """What bench/serving.py prints beside the Serve replicas' own /health: the precision chosen."""
+    return {"precision": predictor.precision}
+
+
 @app.post("/predict")
 def predict(file: UploadFile) -> dict:
     result = predictor.predict_bytes([file.file.read()])[0]

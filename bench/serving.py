@@ -188,6 +188,8 @@ def main() -> None:
             process = start(command, env)
             try:
                 wait_for(url + ("/docs" if name == "baseline" else "/health"))
+                if name != "serve no-op":
+                    print(f"{name}: precision {httpx.get(url + '/health').json()['precision']}", flush=True)
                 runs = [(label, image, query) for label, (image, query) in images.items()]
                 for label, image, query in runs + ([detecting] if name == "serve" else []):
                     drive(url + "/predict" + query, image, 4, 2)

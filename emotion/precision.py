@@ -8,8 +8,9 @@ import torch
 def fast_bf16(device: torch.device) -> bool:
     """Whether `device` has native bfloat16 matrix units (AMX or AVX512-BF16 on CPU, Ampere+ GPUs).
 
-    On such hardware bf16 convolutions run 2-3x faster than float32; elsewhere they are emulated
-    and slower, so "auto" must not pick them.
+    Without them bf16 is emulated and slower, so "auto" never picks it there. With them it can be
+    faster, though not on every CPU: the Predictor times CPUs that pass this check
+    (docs/benchmarks.md has hosts of both kinds).
     """
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()

@@ -95,6 +95,24 @@ def check_faces(mode: str, flag: str = "--faces") -> None:
         raise UsageError(f"{flag} {mode}: expected one of {', '.join(FACE_MODES)}")
 
 
+def settled_precision(args: argparse.Namespace, checkpoint: Checkpoint, resumed: dict[str, Any] | None = None
+                      ) -> str:
+    """The precision every actor of the run computes in: `--precision`, except that "auto" on CPU
+    actors is settled here, once, in the driver.
+
+    Left to each actor, "auto" would be timed by each one under the others' load, and actors near
+    the margin could choose differently and mix bf16 and float32 rows in one output. A partial
+    run being resumed (`resumed`: its run record) keeps the precision it started with. GPU actors
+    keep "auto": there it follows the device's bf16 support, the same on every actor.
+    """
+    if args.precision != "auto" or args.backend != "torch" or args.gpus_per_actor > 0 \
+            or (args.device is not None and args.device != "cpu"):
+        return args.precision
+    if resumed is not None and resumed.get("precision") in ("bf16", "fp32"):
+        return resumed["precision"]
+    return Predictor(checkpoint, device="cpu", precision="auto").precision
+
+
 def check_backend(backend: str, precision: str, gpus_per_actor: float, device: str | None) -> None:
     """Refuse, in one line before any work, a backend the actors' Predictor would refuse in every
     actor: onnxruntime runs float32 on the CPU only."""

@@ -53,6 +53,7 @@ from jobs.pipeline import (
     face_settings,
     pipeline_config,
     score_files,
+    settled_precision,
 )
 
 log = logging.getLogger("jobs.score")
@@ -162,13 +163,15 @@ def plan_job(args: argparse.Namespace) -> ScoreJob:
     model_sha256 = sha256_of(model_uri)
     # Rows cut under other face settings must not share an output: they could differ in number;
     # rows of two backends differ in the last digits of their probabilities.
-    record = run_record(input_uri, model_uri, model_sha256, args.limit, args.precision) | {
-        "faces": {"mode": args.faces, "config": asdict(faces)}, "backend": args.backend,
-    }
     fs, root = filesystem(output)
     try:
         check_separate(input_uri, output)
         previous = inspect_output(fs, root)
+        args.precision = settled_precision(args, checkpoint, None if args.overwrite or previous.complete
+                                           else previous.record)
+        record = run_record(input_uri, model_uri, model_sha256, args.limit, args.precision) | {
+            "faces": {"mode": args.faces, "config": asdict(faces)}, "backend": args.backend,
+        }
         check_output(previous, args.output, record, args.overwrite)
     except OutputError as exc:
         raise UsageError(str(exc)) from None
@@ -284,18 +287,24 @@ def _output_rows(job: ScoreJob) -> pd.DataFrame:
     """The path, status, face index, face count and label of every row written under the output
     so far, with the file holding it.
 
-    A file cut short by a killed write (no Parquet footer) is the job's own and holds rows that
-    were never recorded as done: it is removed, and its rows are scored again.
+    A file cut short by a killed write (empty, or Parquet's leading magic bytes without a readable
+    footer) is the job's own and holds rows that were never recorded as done: it is removed, and
+    its rows are scored again. Any other file the job cannot read as its own (not Parquet, or
+    without the job's columns) is refused by name and never removed; so is a read error, which
+    on an object store is a failed request rather than a cut-short write.
     """
     fs, _ = filesystem(job.output)
     tables = []
     for path in _parquet_files(job):
         with fs.open(path, "rb") as f:
-            # Only a missing or unreadable footer means a cut-short write; a complete file without
-            # the job's columns is someone else's and is refused, never removed.
+            head = f.read(4)
+            if head and head != b"PAR1":
+                raise RuntimeError(f"{path} is not a Parquet file this job wrote; move it out of the output "
+                                   "folder and rerun")
+            f.seek(0)
             try:
                 parquet = pq.ParquetFile(f)
-            except (OSError, pyarrow.ArrowInvalid) as exc:
+            except pyarrow.ArrowInvalid as exc:
                 cut_short = exc
             else:
                 cut_short = None

@@ -21,7 +21,7 @@ from ray.train.torch import TorchTrainer
 from emotion.checkpoint import CheckpointError, load_checkpoint
 from emotion.models import available_architectures
 from emotion.training.config import RunOptions, TrainConfig
-from emotion.training.distill import Distillation
+from emotion.training.distill import Distillation, check_teacher
 from emotion.training.loop import CHECKPOINT_FILE, train_loop_per_worker
 from emotion.training.tracking import log_result
 from emotion.uris import absolute_uri, filesystem
@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.distillation is not None:
         try:
             distillation = Distillation.from_setting(args.distillation)
-            load_checkpoint(distillation.teacher)
+            check_teacher(load_checkpoint(distillation.teacher), args.input_size, args.channels)
         except (ValueError, OSError) as exc:
             parser.error(f"--distillation: {exc}")
         args.distillation = asdict(distillation) | {"teacher": absolute_uri(distillation.teacher)}

@@ -23,8 +23,8 @@ RATE_GRACE_S = 2.0
 
 # An answer sent while the client is still sending is often lost: closing a connection with
 # unread data makes the kernel reset it, and the reset can overtake the answer. So a refused
-# body is read and thrown away first, when it is at most this many times the limit and arrives
-# within DRAIN_S; a larger or slower one is cut off as before.
+# body is read and thrown away first, while it stays within this many times the limit, within
+# DRAIN_S, and within the same rate floor and deadline as any upload; beyond those it is cut off.
 DRAIN_FACTOR = 4
 DRAIN_S = 5.0
 
@@ -49,13 +49,16 @@ class UploadLimit:
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
-    async def _drain(self, receive: Any, received: int) -> None:
-        """Read and discard the rest of a refused body, within DRAIN_FACTOR and DRAIN_S."""
+    async def _drain(self, receive: Any, started: float, received: int) -> None:
+        """Read and discard the rest of a refused body, so that its answer is not lost to a reset
+        (see DRAIN_FACTOR); a refused client holds its slot no longer than an accepted one could."""
         loop = asyncio.get_running_loop()
-        until = loop.time() + DRAIN_S
+        drain_until = loop.time() + DRAIN_S
         while received <= DRAIN_FACTOR * self.max_bytes:
+            due = self._deadline(started, received)
+            until = min(drain_until, due[0]) if due else drain_until
             try:
-                message = await asyncio.wait_for(receive(), until - loop.time())
+                message = await asyncio.wait_for(receive(), max(until - loop.time(), 0))
             except TimeoutError:
                 return
             if message["type"] != "http.request":
@@ -79,13 +82,13 @@ class UploadLimit:
             await self.app(scope, receive, send)
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            if int(declared) <= DRAIN_FACTOR * self.max_bytes:
-                await self._drain(receive, 0)
-            await self._reject(send, 413, f"upload larger than {self.max_bytes} bytes")
-            return
         loop = asyncio.get_running_loop()
         started = loop.time()
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            if int(declared) <= DRAIN_FACTOR * self.max_bytes:
+                await self._drain(receive, started, 0)
+            await self._reject(send, 413, f"upload larger than {self.max_bytes} bytes")
+            return
         received = 0
         body_complete = False
         responded = False
@@ -117,7 +120,7 @@ class UploadLimit:
         except _TooLarge:
             if not responded:
                 if not body_complete:
-                    await self._drain(receive, received)
+                    await self._drain(receive, started, received)
                 await self._reject(send, 413, f"upload larger than {self.max_bytes} bytes")
         except _TooSlow as slow:
             if not responded:

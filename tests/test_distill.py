@@ -21,6 +21,17 @@ from tests.services import ROOT
 from tests.test_score_faces import always
 from tests.test_train import synthetic_faces
 
+SETTING = Distillation("teacher.pt", 0.5, 2.0)
+
+
+def test_the_loss_is_t_squared_times_the_teachers_kl_divergence_from_the_student_per_face():
+    teacher, student, t = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 0.0]]), torch.tensor([[0.0, 1.0, 1.0],
+                                                                                          [1.0, 0.0, -2.0]]), 3.0
+    p_teacher = torch.softmax(teacher / t, dim=1).numpy()
+    p_student = torch.softmax(student / t, dim=1).numpy()
+    by_hand = t**2 * np.mean(np.sum(p_teacher * (np.log(p_teacher) - np.log(p_student)), axis=1))
+    assert distillation_loss(student, teacher, t).item() == pytest.approx(by_hand, rel=1e-5)
+
 
 def test_the_loss_is_zero_for_a_student_that_matches_and_grows_with_the_gap():
     teacher = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 0.0]])
@@ -31,13 +42,13 @@ def test_the_loss_is_zero_for_a_student_that_matches_and_grows_with_the_gap():
     assert distillation_loss(teacher + 5.0, teacher, 2.0).item() == pytest.approx(0, abs=1e-5)
 
 
-def test_the_teacher_sees_each_face_as_its_own_predictor_would():
+def test_the_teacher_sees_each_face_at_its_own_normalisation():
     """Student and teacher normalise with different mean and std; the teacher's logits for a
-    student-normalised batch are the ones its own Predictor computes from the same pixels."""
+    student-normalised batch are the ones its network gives the same pixels normalised its way."""
     checkpoint = tiny_checkpoint(mean=(0.4,), std=(0.3,))
     pixels = np.random.default_rng(0).integers(0, 256, (5, 48, 48, 1), dtype=np.uint8)
     student_mean, student_std = (0.55,), (0.2,)
-    teacher = Teacher(checkpoint, torch.device("cpu"), student_mean, student_std, 48)
+    teacher = Teacher(SETTING, checkpoint, torch.device("cpu"), student_mean, student_std, 48)
     got = teacher.logits(torch.from_numpy(normalize(pixels, student_mean, student_std)))
     own = checkpoint.build().eval()(torch.from_numpy(normalize(pixels, checkpoint.mean, checkpoint.std)))
     assert torch.allclose(got, own.detach(), atol=1e-4)
@@ -47,15 +58,17 @@ def test_the_teacher_sees_each_face_as_its_own_predictor_would():
 def test_a_teacher_with_other_labels_or_inputs_is_refused():
     reordered = dataclasses.replace(tiny_checkpoint(), labels=tuple(reversed(LABELS)))
     with pytest.raises(ValueError, match="teacher labels"):
-        Teacher(reordered, torch.device("cpu"), (0.5,), (0.25,), 48)
+        Teacher(SETTING, reordered, torch.device("cpu"), (0.5,), (0.25,), 48)
     with pytest.raises(ValueError, match="teacher takes 1x48x48, the student 1x64x64"):
-        Teacher(tiny_checkpoint(), torch.device("cpu"), (0.5,), (0.25,), 64)
+        Teacher(SETTING, tiny_checkpoint(), torch.device("cpu"), (0.5,), (0.25,), 64)
 
 
 @pytest.mark.parametrize(("setting", "message"), [
     ({"teacher": "t.pt", "weight": 0.5}, "exactly the keys teacher, weight, temperature"),
     ({"teacher": "t.pt", "weight": 0, "temperature": 2}, "weight must be a number in (0, 1], not 0"),
-    ({"teacher": "t.pt", "weight": 0.5, "temperature": -1}, "temperature must be a positive number, not -1"),
+    ({"teacher": "t.pt", "weight": 0.5, "temperature": -1}, "temperature must be a positive finite number, not -1"),
+    ({"teacher": "t.pt", "weight": 0.5, "temperature": float("nan")}, "positive finite number, not nan"),
+    ({"teacher": "t.pt", "weight": True, "temperature": 2}, "weight must be a number in (0, 1], not True"),
     ("t.pt", "expected a JSON object"),
 ])
 def test_a_bad_setting_says_what_is_wrong(setting, message):
@@ -81,6 +94,12 @@ def test_a_bad_distillation_flag_is_one_line_before_any_work(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (f"python -m jobs.train: error: --distillation: "
                                                       f"{tmp_path / 'nope.pt'}: no such checkpoint file")
     assert not (tmp_path / "runs").exists()
+    save_checkpoint(tiny_checkpoint(), tmp_path / "teacher.pt")
+    result = train(tmp_path, "--input-size", "64", "--distillation",
+                   json.dumps({"teacher": str(tmp_path / "teacher.pt"), "weight": 0.5, "temperature": 2}))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == ("python -m jobs.train: error: --distillation: teacher takes "
+                                                      "1x48x48, the student 1x64x64")
 
 
 @pytest.mark.slow
@@ -97,6 +116,14 @@ def test_a_student_taught_only_by_its_teacher_learns_the_teachers_answer(tmp_pat
     assert student.recipe["distillation"] == {"teacher": f"{tmp_path.name}/teacher.pt", "weight": 1.0,
                                               "temperature": 2.0}
     assert student.trained_on.endswith(f"; distilled from {tmp_path.name}/teacher.pt")
-    answers = [row["predicted_label"] for row in Predictor(student, precision="fp32").predict_bytes(
-        [path.read_bytes() for path in sorted((tmp_path / "train").glob("*/*"))])]
-    assert answers.count("happy") / len(answers) > 0.9
+    faces = [path.read_bytes() for path in sorted((tmp_path / "train").glob("*/*"))]
+
+    def happy_share(model) -> float:
+        predictor = Predictor(model, device="cpu", precision="fp32")
+        answers = [row["predicted_label"] for row in predictor.predict_bytes(faces)]
+        return answers.count("happy") / len(answers)
+
+    assert happy_share(student) > 0.9
+    (tmp_path / "runs").rename(tmp_path / "taught-runs")
+    assert train(tmp_path).returncode == 0
+    assert happy_share(load_checkpoint(tmp_path / "student.pt")) < 0.5, "taught by the labels, it tells faces apart"

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import time
 
 import pytest
 
@@ -81,17 +82,45 @@ def test_sizes_are_still_limited():
     assert declared == (413, json.dumps({"detail": "upload larger than 100 bytes"}))
 
 
+def order_of(middleware: UploadLimit, chunks: list[tuple[float, bytes]], headers=()) -> list[str]:
+    """What the middleware did, in order: "read" per chunk taken, then the status it answered."""
+    events: list[str] = []
+
+    async def run() -> None:
+        async def receive() -> dict:
+            if not chunks:
+                await asyncio.sleep(3600)
+            delay, data = chunks.pop(0)
+            await asyncio.sleep(delay)
+            events.append("read")
+            return {"type": "http.request", "body": data, "more_body": bool(chunks)}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                events.append(str(message["status"]))
+
+        await middleware({"type": "http", "headers": list(headers)}, receive, send)
+
+    asyncio.run(run())
+    return events
+
+
 def test_a_refused_body_is_read_to_its_end_before_the_answer_unless_it_is_huge():
     middleware = UploadLimit(read_body, max_bytes=100, timeout_s=1.0, min_rate=100)
-    declared = [(0.0, b"a" * 100)] * 3
-    assert call(middleware, declared, headers=[(b"content-length", b"300")])[0] == 413
-    assert declared == [], "read to the end, so that closing the connection does not reset it"
-    streamed = [(0.0, b"a" * 60)] * 4
-    assert call(middleware, streamed)[0] == 413
-    assert streamed == []
-    huge = [(0.0, b"a" * 100)] * 3
-    assert call(middleware, huge, headers=[(b"content-length", str(10**9).encode())])[0] == 413
-    assert len(huge) == 3, "far beyond the limit: cut off, not read"
-    endless = [(0.0, b"a" * 100)] * 10
-    assert call(middleware, endless)[0] == 413
-    assert len(endless) == 10 - 5, "a stream is read at most to four times the limit"
+    declared = order_of(middleware, [(0.0, b"a" * 100)] * 3, headers=[(b"content-length", b"300")])
+    assert declared == ["read", "read", "read", "413"], "read to the end first, so closing does not reset"
+    assert order_of(middleware, [(0.0, b"a" * 60)] * 4) == ["read"] * 4 + ["413"]
+    huge = order_of(middleware, [(0.0, b"a" * 100)] * 3, headers=[(b"content-length", str(10**9).encode())])
+    assert huge == ["413"], "far beyond the limit: cut off, not read"
+    endless = order_of(middleware, [(0.0, b"a" * 100)] * 10)
+    assert endless == ["read"] * 5 + ["413"], "read until past four times the limit (400 bytes), then cut off"
+
+
+def test_a_refused_body_is_drained_no_slower_than_an_upload_may_arrive():
+    """A client sending a refused body at a trickle holds its slot no longer than the rate floor
+    allows any upload."""
+    middleware = UploadLimit(read_body, max_bytes=100, timeout_s=30.0, min_rate=100)
+    started = time.monotonic()
+    trickle = order_of(middleware, [(0.0, b"a" * 101)] + [(0.1, b"a")] * 200)
+    assert trickle[-1] == "413" and len(trickle) < 20
+    assert time.monotonic() - started < 2.0, "cut off after the grace, not after DRAIN_S"

@@ -1,5 +1,6 @@
 """The Ray Data plan: stages, resources and the GPU layout, checked without running it."""
 
+import argparse
 import subprocess
 import sys
 
@@ -17,7 +18,7 @@ from emotion.faces import FaceFinder, load_face_config
 from emotion.labels import LABELS
 from emotion.preprocess import decode_image
 from jobs.decoding import ImageFiles, find_faces
-from jobs.pipeline import ProgressCounter, ScoreBatch, output_schema, score_files
+from jobs.pipeline import ProgressCounter, ScoreBatch, output_schema, score_files, settled_precision
 from tests.conftest import pipeline, tiny_checkpoint
 from tests.images import encode, jpeg
 from tests.services import ROOT
@@ -136,3 +137,17 @@ def test_progress_counts_a_retried_batch_once(local_ray):
     counter.add.remote(np.array([0, 1, 2]))
     counter.add.remote(np.array([1, 2]))
     assert ray.get(counter.total.remote()) == 3
+
+
+def test_auto_precision_is_settled_once_in_the_driver_for_cpu_actors():
+    def args(**given):
+        return argparse.Namespace(**({"precision": "auto", "backend": "torch", "gpus_per_actor": 0, "device": None}
+                                     | given))
+
+    checkpoint = tiny_checkpoint()
+    assert settled_precision(args(), checkpoint) in ("bf16", "fp32")
+    assert settled_precision(args(precision="bf16"), checkpoint) == "bf16"
+    assert settled_precision(args(), checkpoint, {"precision": "bf16"}) == "bf16", "a resumed run keeps its arithmetic"
+    assert settled_precision(args(), checkpoint, {"precision": "auto"}) in ("bf16", "fp32")
+    assert settled_precision(args(gpus_per_actor=1), checkpoint) == "auto", "GPU actors agree by device"
+    assert settled_precision(args(backend="onnxruntime"), checkpoint) == "auto"

@@ -118,15 +118,17 @@ def test_auto_keeps_bf16_only_where_a_timed_batch_shows_it_clearly_faster(monkey
     monkeypatch.setattr(predictor, "_seconds_per_batch",
                         lambda model, batch: 1.0 / (bf16_speedup if batch.dtype == torch.bfloat16 else 1.0))
     monkeypatch.setattr(precision, "fast_bf16", lambda device: True)
-    auto = Predictor(tiny_checkpoint(), precision="auto")
+    auto = Predictor(tiny_checkpoint(), device="cpu", precision="auto")
     assert (auto.precision, auto.dtype) == (chosen, predictor.DTYPES[chosen])
     assert next(auto.model.parameters()).dtype == auto.dtype
     faces = np.random.default_rng(0).integers(0, 256, (3, 48, 48, 1), dtype=np.uint8)
-    assert np.allclose(auto.predict_pixels(faces), Predictor(tiny_checkpoint(), precision=chosen).predict_pixels(faces))
-    assert Predictor(tiny_checkpoint(), precision="bf16").precision == "bf16", "a forced precision is not timed"
+    forced = Predictor(tiny_checkpoint(), device="cpu", precision=chosen)
+    assert np.allclose(auto.predict_pixels(faces), forced.predict_pixels(faces))
+    bf16 = Predictor(tiny_checkpoint(), device="cpu", precision="bf16")
+    assert bf16.precision == "bf16", "a forced precision is not timed"
 
 
 def test_auto_without_bf16_instructions_is_float32_untimed(monkeypatch):
     monkeypatch.setattr(predictor, "_seconds_per_batch", lambda model, batch: pytest.fail("timed"))
     monkeypatch.setattr(precision, "fast_bf16", lambda device: False)
-    assert Predictor(tiny_checkpoint(), precision="auto").precision == "fp32"
+    assert Predictor(tiny_checkpoint(), device="cpu", precision="auto").precision == "fp32"

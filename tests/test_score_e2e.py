@@ -65,6 +65,8 @@ def test_bad_input_corpus_through_job_submit(ray_cluster, tmp_path, model_path):
     assert manifest["files"] == {"total": 16, "with_faces": 11, "no_face": 0, "error": 5}
     assert manifest["faces"]["mode"] == "whole"
     assert manifest["model"]["name"] == "tiny" and len(manifest["model"]["sha256"]) == 64
+    record = json.loads((out / "_run.json").read_text())
+    assert record["precision"] in ("bf16", "fp32"), "auto is settled once, for every actor"
     assert not (out / "_checkpoint").exists()
 
 

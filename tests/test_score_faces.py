@@ -238,6 +238,12 @@ def test_a_cut_short_file_is_removed_and_a_foreign_one_refused_and_kept(tmp_path
     with pytest.raises(RuntimeError, match=r"c.parquet is not this job's output \(no column face_index, "):
         _output_rows(job)
     assert (tmp_path / "c.parquet").exists()
+    (tmp_path / "c.parquet").write_text("path,score\ntheirs,1.0\n")
+    with pytest.raises(RuntimeError, match=r"c.parquet is not a Parquet file this job wrote"):
+        _output_rows(job)
+    assert (tmp_path / "c.parquet").exists(), "a file of another format is the user's"
+    (tmp_path / "c.parquet").write_bytes(b"")
+    assert list(_output_rows(job)["path"]) == ["one"] and not (tmp_path / "c.parquet").exists()
 
 
 def test_bad_face_settings_are_one_line_before_any_work(tmp_path):

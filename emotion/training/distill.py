@@ -12,6 +12,7 @@ classes (a sad face that looks half fearful), which is what the labels cannot te
 keeps the term's gradients on the scale of the cross-entropy's as T changes.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,11 +39,26 @@ class Distillation:
         if not isinstance(setting, dict) or sorted(setting) != sorted(KEYS):
             raise ValueError(f"expected a JSON object with exactly the keys {', '.join(KEYS)}")
         weight, temperature = setting["weight"], setting["temperature"]
-        if not isinstance(weight, int | float) or not 0 < weight <= 1:
+        if not _number(weight) or not 0 < weight <= 1:
             raise ValueError(f"weight must be a number in (0, 1], not {weight!r}")
-        if not isinstance(temperature, int | float) or temperature <= 0:
-            raise ValueError(f"temperature must be a positive number, not {temperature!r}")
+        if not _number(temperature) or temperature <= 0:
+            raise ValueError(f"temperature must be a positive finite number, not {temperature!r}")
         return cls(str(setting["teacher"]), float(weight), float(temperature))
+
+
+def _number(value: Any) -> bool:
+    """A finite int or float: JSON gives NaN and Infinity as floats, and True as an int."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_teacher(checkpoint: Checkpoint, input_size: int, channels: int) -> None:
+    """Refuse a teacher whose outputs or inputs are not the student's: its answers would be
+    compared class by class, on the same batches."""
+    if tuple(checkpoint.labels) != tuple(LABELS):
+        raise ValueError(f"teacher labels {list(checkpoint.labels)} are not the model's {list(LABELS)}")
+    if (checkpoint.input_size, checkpoint.channels) != (input_size, channels):
+        raise ValueError(f"teacher takes {checkpoint.channels}x{checkpoint.input_size}x{checkpoint.input_size}, "
+                         f"the student {channels}x{input_size}x{input_size}")
 
 
 class Teacher:
@@ -53,13 +69,10 @@ class Teacher:
     teacher's scale before it sees it.
     """
 
-    def __init__(self, checkpoint: Checkpoint, device: torch.device, mean: tuple[float, ...],
-                 std: tuple[float, ...], input_size: int) -> None:
-        if tuple(checkpoint.labels) != tuple(LABELS):
-            raise ValueError(f"teacher labels {list(checkpoint.labels)} are not the model's {list(LABELS)}")
-        if (checkpoint.input_size, checkpoint.channels) != (input_size, len(mean)):
-            raise ValueError(f"teacher takes {checkpoint.channels}x{checkpoint.input_size}x{checkpoint.input_size}, "
-                             f"the student {len(mean)}x{input_size}x{input_size}")
+    def __init__(self, setting: Distillation, checkpoint: Checkpoint, device: torch.device,
+                 mean: tuple[float, ...], std: tuple[float, ...], input_size: int) -> None:
+        check_teacher(checkpoint, input_size, len(mean))
+        self.setting = setting
         self.network = checkpoint.build().eval().to(device, memory_format=torch.channels_last)
         for parameter in self.network.parameters():
             parameter.requires_grad_(False)
@@ -75,6 +88,11 @@ class Teacher:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The teacher's logits (an ensemble's mean log-probabilities) for a student-normalised batch."""
         return self.network(x * self.scale.to(x.dtype) + self.shift.to(x.dtype)).float()
+
+    def blend(self, label_loss: torch.Tensor, student: torch.Tensor, taught: torch.Tensor) -> torch.Tensor:
+        """The training loss: the labels' loss and the distillation term, weighted by the setting."""
+        weight = self.setting.weight
+        return (1 - weight) * label_loss + weight * distillation_loss(student, taught, self.setting.temperature)
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -34,7 +34,7 @@ from emotion.training import tracking
 from emotion.training.augment import augment_faces
 from emotion.training.config import RunOptions, TrainConfig
 from emotion.training.data import class_weights, split_data
-from emotion.training.distill import Distillation, Teacher, distillation_loss
+from emotion.training.distill import Distillation, Teacher
 from emotion.uris import portable_name
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     distillation = Distillation.from_setting(cfg.distillation) if cfg.distillation is not None else None
     teacher = None
     if distillation is not None:
-        teacher = Teacher(load_checkpoint(distillation.teacher), device, mean, std, cfg.input_size)
+        teacher = Teacher(distillation, load_checkpoint(distillation.teacher), device, mean, std, cfg.input_size)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay
     )
@@ -205,8 +205,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if teacher is not None:
                 with autocast(precision, device):
                     taught = teacher.logits(xb)
-                loss = (1 - distillation.weight) * loss + distillation.weight * distillation_loss(
-                    logits.float(), taught, distillation.temperature)
+                loss = teacher.blend(loss, logits.float(), taught)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -38,15 +38,7 @@ from emotion.faces import FaceConfig, FaceFinder
 from emotion.uris import absolute_uri, filesystem
 from jobs.common import UsageError, sha256_of, start
 from jobs.conf import CONF_DIR, apply_defaults
-from jobs.pipeline import (
-    PipelineConfig,
-    check_backend,
-    check_faces,
-    face_settings,
-    pipeline_config,
-    score_files,
-    settled_precision,
-)
+from jobs.pipeline import PipelineConfig, check_backend, check_faces, face_settings, score_files, settled_config
 
 log = logging.getLogger("jobs.evaluate")
 SCHEMA_VERSION = 1
@@ -197,7 +189,6 @@ def plan_job(args: argparse.Namespace, run_id: str) -> EvaluateJob:
     except CheckpointError as exc:
         raise UsageError(f"--model {exc}") from None
     face_config = face_settings(args.face_config)
-    args.precision = settled_precision(args, checkpoint)
     sets = [read_input(spec, checkpoint.labels, args.faces) for spec in args.input]
     output = absolute_uri(args.output.replace("{run_id}", run_id)).rstrip("/")
     fs, root = filesystem(output)
@@ -221,7 +212,7 @@ def plan_job(args: argparse.Namespace, run_id: str) -> EvaluateJob:
         output=output,
         checkpoint=checkpoint,
         model_uri=model_uri,
-        pipeline=pipeline_config(args),
+        pipeline=settled_config(args, checkpoint),
         face_config=face_config,
         history=history,
         previous=previous[0] if previous else None,

@@ -12,7 +12,7 @@ inside the inference actors.
 import argparse
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -111,6 +111,12 @@ def settled_precision(args: argparse.Namespace, checkpoint: Checkpoint, resumed:
     if resumed is not None and resumed.get("precision") in ("bf16", "fp32"):
         return resumed["precision"]
     return Predictor(checkpoint, device="cpu", precision="auto").precision
+
+
+def settled_config(args: argparse.Namespace, checkpoint: Checkpoint, resumed: dict[str, Any] | None = None
+                   ) -> PipelineConfig:
+    """`pipeline_config(args)` with its precision settled for every actor (`settled_precision`)."""
+    return replace(pipeline_config(args), precision=settled_precision(args, checkpoint, resumed))
 
 
 def check_backend(backend: str, precision: str, gpus_per_actor: float, device: str | None) -> None:

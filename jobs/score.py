@@ -51,9 +51,8 @@ from jobs.pipeline import (
     check_backend,
     check_faces,
     face_settings,
-    pipeline_config,
     score_files,
-    settled_precision,
+    settled_config,
 )
 
 log = logging.getLogger("jobs.score")
@@ -167,9 +166,8 @@ def plan_job(args: argparse.Namespace) -> ScoreJob:
     try:
         check_separate(input_uri, output)
         previous = inspect_output(fs, root)
-        args.precision = settled_precision(args, checkpoint, None if args.overwrite or previous.complete
-                                           else previous.record)
-        record = run_record(input_uri, model_uri, model_sha256, args.limit, args.precision) | {
+        pipeline = settled_config(args, checkpoint, None if args.overwrite or previous.complete else previous.record)
+        record = run_record(input_uri, model_uri, model_sha256, args.limit, pipeline.precision) | {
             "faces": {"mode": args.faces, "config": asdict(faces)}, "backend": args.backend,
         }
         check_output(previous, args.output, record, args.overwrite)
@@ -194,7 +192,7 @@ def plan_job(args: argparse.Namespace) -> ScoreJob:
         checkpoint=checkpoint,
         model_uri=model_uri,
         model_sha256=model_sha256,
-        pipeline=pipeline_config(args),
+        pipeline=pipeline,
         overwrite=args.overwrite,
         progress_interval=args.progress_interval,
         stall_timeout=args.stall_timeout,

@@ -1,11 +1,8 @@
-"""What every `python -m jobs.X` shares: the one-line usage error, the start of `main`, checksums."""
+"""What every `python -m jobs.X` shares: the one-line usage error and the start of `main`."""
 
 import argparse
-import hashlib
 import logging
 import os
-
-import fsspec
 
 
 class UsageError(Exception):
@@ -29,8 +26,3 @@ def start(parser: argparse.ArgumentParser, argv: list[str] | None = None,
         args.endpoint_url = args.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
     return args
 
-
-def sha256_of(uri: str) -> str:
-    """The hex sha256 of a local or remote file, read in chunks."""
-    with fsspec.open(uri, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -35,8 +35,8 @@ from emotion.evaluation.report import render_html, with_crops
 from emotion.evaluation.sets import LabelledSet, join_truth, read_labelled_set, set_result
 from emotion.explain import Explainer
 from emotion.faces import FaceConfig, FaceFinder
-from emotion.uris import absolute_uri, filesystem
-from jobs.common import UsageError, sha256_of, start
+from emotion.uris import absolute_uri, filesystem, sha256_of
+from jobs.common import UsageError, start
 from jobs.conf import CONF_DIR, apply_defaults
 from jobs.pipeline import PipelineConfig, check_backend, check_faces, face_settings, score_files, settled_config
 

@@ -29,8 +29,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from emotion.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, CheckpointError, load_checkpoint
 from emotion.folders import list_images
-from emotion.uris import absolute_uri, arrow_filesystem, filesystem, join, strip_scheme
-from jobs.common import UsageError, sha256_of, start
+from emotion.uris import absolute_uri, arrow_filesystem, filesystem, join, sha256_of, strip_scheme
+from jobs.common import UsageError, start
 from jobs.conf import apply_defaults
 from jobs.layout import WRITE_CPUS, LayoutError, alive_nodes, fit_layout
 from jobs.output import (

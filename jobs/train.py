@@ -21,10 +21,10 @@ from ray.train.torch import TorchTrainer
 from emotion.checkpoint import CheckpointError, load_checkpoint
 from emotion.models import available_architectures
 from emotion.training.config import RunOptions, TrainConfig
-from emotion.training.distill import Distillation, check_teacher
+from emotion.training.distill import Distillation, check_teacher, load_teacher
 from emotion.training.loop import CHECKPOINT_FILE, train_loop_per_worker
 from emotion.training.tracking import log_result
-from emotion.uris import absolute_uri, filesystem
+from emotion.uris import absolute_uri, filesystem, sha256_of
 from jobs.conf import apply_defaults
 
 
@@ -85,10 +85,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.distillation is not None:
         try:
             distillation = Distillation.from_setting(args.distillation)
-            check_teacher(load_checkpoint(distillation.teacher), args.input_size, args.channels)
+            check_teacher(load_teacher(distillation), args.input_size, args.channels)
         except (ValueError, OSError) as exc:
             parser.error(f"--distillation: {exc}")
-        args.distillation = asdict(distillation) | {"teacher": absolute_uri(distillation.teacher)}
+        teacher = absolute_uri(distillation.teacher)
+        args.distillation = asdict(distillation) | {"teacher": teacher, "sha256": sha256_of(teacher)}
     args.output, args.storage = absolute_uri(args.output), absolute_uri(os.path.expanduser(args.storage))
     if args.mlflow_uri and "://" not in args.mlflow_uri:
         # A local folder, given as a file URI: the workers' working directory is not the driver's.

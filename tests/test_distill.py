@@ -15,7 +15,9 @@ from emotion.checkpoint import load_checkpoint, save_checkpoint
 from emotion.labels import LABELS
 from emotion.predictor import Predictor
 from emotion.preprocess import normalize
-from emotion.training.distill import Distillation, Teacher, distillation_loss
+from emotion.training.distill import Distillation, Teacher, distillation_loss, load_teacher
+from emotion.uris import sha256_of
+from jobs.train import parse_args
 from tests.conftest import tiny_checkpoint
 from tests.services import ROOT
 from tests.test_score_faces import always
@@ -64,7 +66,9 @@ def test_a_teacher_with_other_labels_or_inputs_is_refused():
 
 
 @pytest.mark.parametrize(("setting", "message"), [
-    ({"teacher": "t.pt", "weight": 0.5}, "exactly the keys teacher, weight, temperature"),
+    ({"teacher": "t.pt", "weight": 0.5}, "the keys teacher, weight, temperature (and optionally sha256)"),
+    ({"teacher": "t.pt", "weight": 0.5, "temperature": 2, "seed": 1}, "the keys teacher, weight, temperature"),
+    ({"teacher": "t.pt", "weight": 0.5, "temperature": 2, "sha256": 12}, "sha256 must be a hex string, not 12"),
     ({"teacher": "t.pt", "weight": 0, "temperature": 2}, "weight must be a number in (0, 1], not 0"),
     ({"teacher": "t.pt", "weight": 0.5, "temperature": -1}, "temperature must be a positive finite number, not -1"),
     ({"teacher": "t.pt", "weight": 0.5, "temperature": float("nan")}, "positive finite number, not nan"),
@@ -75,6 +79,27 @@ def test_a_bad_setting_says_what_is_wrong(setting, message):
     with pytest.raises(ValueError) as error:
         Distillation.from_setting(setting)
     assert message in str(error.value)
+
+
+def test_a_teacher_file_replaced_since_the_run_started_is_refused(tmp_path):
+    path = tmp_path / "teacher.pt"
+    save_checkpoint(tiny_checkpoint(), path)
+    setting = Distillation(str(path), 0.5, 2.0, sha256_of(str(path)))
+    assert load_teacher(setting).name == "tiny"
+    save_checkpoint(tiny_checkpoint(seed=1), path)
+    with pytest.raises(ValueError, match=f"{path} is not the teacher this run was given: its sha256 is "
+                                         f"{sha256_of(str(path))[:12]}, not {setting.sha256[:12]}"):
+        load_teacher(setting)
+
+
+def test_the_job_records_the_teachers_sha256_in_the_recipe(tmp_path):
+    synthetic_faces(tmp_path / "train", per_class=2)
+    save_checkpoint(tiny_checkpoint(), tmp_path / "teacher.pt")
+    setting = {"teacher": str(tmp_path / "teacher.pt"), "weight": 0.5, "temperature": 2}
+    args = parse_args(["--train", str(tmp_path / "train"), "--output", str(tmp_path / "s.pt"),
+                       "--distillation", json.dumps(setting)])
+    assert args.distillation == setting | {"weight": 0.5, "temperature": 2.0,
+                                           "sha256": sha256_of(str(tmp_path / "teacher.pt"))}
 
 
 def train(tmp_path, *extra: str) -> subprocess.CompletedProcess:
@@ -95,6 +120,12 @@ def test_a_bad_distillation_flag_is_one_line_before_any_work(tmp_path):
                                                       f"{tmp_path / 'nope.pt'}: no such checkpoint file")
     assert not (tmp_path / "runs").exists()
     save_checkpoint(tiny_checkpoint(), tmp_path / "teacher.pt")
+    result = train(tmp_path, "--distillation", json.dumps({"teacher": str(tmp_path / "teacher.pt"), "weight": 0.5,
+                                                           "temperature": 2, "sha256": "0" * 64}))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"python -m jobs.train: error: --distillation: {tmp_path / 'teacher.pt'} is not the teacher this run was "
+        "given: its sha256 is ")
     result = train(tmp_path, "--input-size", "64", "--distillation",
                    json.dumps({"teacher": str(tmp_path / "teacher.pt"), "weight": 0.5, "temperature": 2}))
     assert result.returncode == 2

@@ -9,8 +9,7 @@ from dataclasses import asdict
 import pytest
 
 from emotion.checkpoint import save_checkpoint
-from emotion.uris import absolute_uri
-from jobs.common import sha256_of
+from emotion.uris import absolute_uri, sha256_of
 from jobs.output import RUN_RECORD, run_record
 from jobs.pipeline import face_settings
 from tests.conftest import tiny_checkpoint

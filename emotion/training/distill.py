@@ -19,10 +19,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from emotion.checkpoint import Checkpoint
+from emotion.checkpoint import Checkpoint, load_checkpoint
 from emotion.labels import LABELS
+from emotion.uris import sha256_of
 
 KEYS = ("teacher", "weight", "temperature")
+# Recorded by jobs.train when a run starts, or given to insist on one file.
+OPTIONAL_KEYS = ("sha256",)
 
 
 @dataclass(frozen=True)
@@ -32,23 +35,38 @@ class Distillation:
     teacher: str
     weight: float
     temperature: float
+    # The teacher file's sha256: a resumed run taught by another file at the same path would
+    # train something its recipe does not describe.
+    sha256: str | None = None
 
     @classmethod
     def from_setting(cls, setting: dict[str, Any]) -> "Distillation":
         """The setting as given by `--distillation` or a stored recipe; ValueError says what is wrong."""
-        if not isinstance(setting, dict) or sorted(setting) != sorted(KEYS):
-            raise ValueError(f"expected a JSON object with exactly the keys {', '.join(KEYS)}")
+        if not isinstance(setting, dict) or not set(KEYS) <= set(setting) <= set(KEYS + OPTIONAL_KEYS):
+            raise ValueError(f"expected a JSON object with the keys {', '.join(KEYS)} (and optionally "
+                             f"{', '.join(OPTIONAL_KEYS)})")
         weight, temperature = setting["weight"], setting["temperature"]
         if not _number(weight) or not 0 < weight <= 1:
             raise ValueError(f"weight must be a number in (0, 1], not {weight!r}")
         if not _number(temperature) or temperature <= 0:
             raise ValueError(f"temperature must be a positive finite number, not {temperature!r}")
-        return cls(str(setting["teacher"]), float(weight), float(temperature))
+        sha256 = setting.get("sha256")
+        if sha256 is not None and not isinstance(sha256, str):
+            raise ValueError(f"sha256 must be a hex string, not {sha256!r}")
+        return cls(str(setting["teacher"]), float(weight), float(temperature), sha256)
 
 
 def _number(value: Any) -> bool:
     """A finite int or float: JSON gives NaN and Infinity as floats, and True as an int."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def load_teacher(setting: Distillation) -> Checkpoint:
+    """The teacher's checkpoint, refused when the file is not the one the setting records."""
+    if setting.sha256 is not None and (found := sha256_of(setting.teacher)) != setting.sha256.lower():
+        raise ValueError(f"{setting.teacher} is not the teacher this run was given: its sha256 is "
+                         f"{found[:12]}, not {setting.sha256[:12]}")
+    return load_checkpoint(setting.teacher)
 
 
 def check_teacher(checkpoint: Checkpoint, input_size: int, channels: int) -> None:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from sklearn.metrics import classification_report, f1_score
 
 from emotion.calibration import calibration_error, fit_temperature
-from emotion.checkpoint import load_checkpoint, new_checkpoint, save_checkpoint
+from emotion.checkpoint import new_checkpoint, save_checkpoint
 from emotion.flip import flip_averaged_logits
 from emotion.labels import LABELS
 from emotion.models import build_model
@@ -34,7 +34,7 @@ from emotion.training import tracking
 from emotion.training.augment import augment_faces
 from emotion.training.config import RunOptions, TrainConfig
 from emotion.training.data import class_weights, split_data
-from emotion.training.distill import Distillation, Teacher
+from emotion.training.distill import Distillation, Teacher, load_teacher
 from emotion.uris import portable_name
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     distillation = Distillation.from_setting(cfg.distillation) if cfg.distillation is not None else None
     teacher = None
     if distillation is not None:
-        teacher = Teacher(distillation, load_checkpoint(distillation.teacher), device, mean, std, cfg.input_size)
+        teacher = Teacher(distillation, load_teacher(distillation), device, mean, std, cfg.input_size)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay
     )

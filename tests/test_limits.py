@@ -124,3 +124,28 @@ def test_a_refused_body_is_drained_no_slower_than_an_upload_may_arrive():
     trickle = order_of(middleware, [(0.0, b"a" * 101)] + [(0.1, b"a")] * 200)
     assert trickle[-1] == "413" and len(trickle) < 20
     assert time.monotonic() - started < 2.0, "cut off after the grace, not after DRAIN_S"
+
+
+def test_a_client_that_leaves_during_the_drain_is_not_waited_for():
+    """Reading on after `http.disconnect` would wait out DRAIN_S for bytes that cannot come."""
+    middleware = UploadLimit(read_body, max_bytes=100, timeout_s=30.0, min_rate=1)
+    messages = [{"type": "http.request", "body": b"a" * 101, "more_body": True}, {"type": "http.disconnect"}]
+    reads_after_leaving: list[dict] = []
+
+    async def run() -> list[dict]:
+        answer: list[dict] = []
+
+        async def receive() -> dict:
+            if not messages:
+                reads_after_leaving.append({})
+                await asyncio.sleep(3600)
+            return messages.pop(0)
+
+        async def send(message: dict) -> None:
+            answer.append(message)
+
+        await asyncio.wait_for(middleware({"type": "http", "headers": []}, receive, send), 2.0)
+        return answer
+
+    answer = asyncio.run(run())
+    assert answer[0]["status"] == 413 and not reads_after_leaving

@@ -63,10 +63,11 @@ def _number(value: Any) -> bool:
 
 def load_teacher(setting: Distillation) -> Checkpoint:
     """The teacher's checkpoint, refused when the file is not the one the setting records."""
+    checkpoint = load_checkpoint(setting.teacher)
     if setting.sha256 is not None and (found := sha256_of(setting.teacher)) != setting.sha256.lower():
         raise ValueError(f"{setting.teacher} is not the teacher this run was given: its sha256 is "
                          f"{found[:12]}, not {setting.sha256[:12]}")
-    return load_checkpoint(setting.teacher)
+    return checkpoint
 
 
 def check_teacher(checkpoint: Checkpoint, input_size: int, channels: int) -> None:

@@ -145,7 +145,7 @@ def test_a_student_taught_only_by_its_teacher_learns_the_teachers_answer(tmp_pat
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     student = load_checkpoint(tmp_path / "student.pt")
     assert student.recipe["distillation"] == {"teacher": f"{tmp_path.name}/teacher.pt", "weight": 1.0,
-                                              "temperature": 2.0}
+                                              "temperature": 2.0, "sha256": sha256_of(str(tmp_path / "teacher.pt"))}
     assert student.trained_on.endswith(f"; distilled from {tmp_path.name}/teacher.pt")
     faces = [path.read_bytes() for path in sorted((tmp_path / "train").glob("*/*"))]
 

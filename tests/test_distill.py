@@ -158,3 +158,18 @@ def test_a_student_taught_only_by_its_teacher_learns_the_teachers_answer(tmp_pat
     (tmp_path / "runs").rename(tmp_path / "taught-runs")
     assert train(tmp_path).returncode == 0
     assert happy_share(load_checkpoint(tmp_path / "student.pt")) < 0.5, "taught by the labels, it tells faces apart"
+
+
+@pytest.mark.slow
+def test_a_run_resumed_with_its_teacher_file_replaced_is_refused(tmp_path):
+    synthetic_faces(tmp_path / "train", per_class=4)
+    save_checkpoint(tiny_checkpoint(), tmp_path / "teacher.pt")
+    setting = json.dumps({"teacher": str(tmp_path / "teacher.pt"), "weight": 0.5, "temperature": 2})
+    first = train(tmp_path, "--distillation", setting, "--epochs-this-run", "1")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    delivered = (tmp_path / "student.pt").read_bytes()
+    save_checkpoint(tiny_checkpoint(seed=1), tmp_path / "teacher.pt")
+    resumed = train(tmp_path, "--distillation", setting, "--resume")
+    assert resumed.returncode != 0
+    assert "cannot resume under a different recipe: distillation changed" in resumed.stdout + resumed.stderr
+    assert (tmp_path / "student.pt").read_bytes() == delivered, "the first invocation's checkpoint is kept"

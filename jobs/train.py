@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"))
     parser.add_argument("--seed", type=int)
     parser.add_argument("--limit-per-class", type=int, help="train on at most N images per class (smoke runs)")
+    parser.add_argument("--keep-validation-copies", action=argparse.BooleanOptionalAction,
+                        help="train on training images identical to validation images too")
     parser.add_argument("--workers", type=int, help="Ray Train workers (one per GPU on a GPU cluster)")
     parser.add_argument("--use-gpu", action=argparse.BooleanOptionalAction)
     parser.add_argument("--cpus-per-worker", type=float, help="default: all CPUs of the cluster shared out")

@@ -5,19 +5,20 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from emotion.checkpoint import load_checkpoint
 from emotion.labels import LABELS
 from emotion.predictor import Predictor
 from emotion.training.augment import augment_faces
-from emotion.training.config import TrainConfig
-from emotion.training.data import class_weights
+from emotion.training.config import TrainConfig, recipe_changes
+from emotion.training.data import class_weights, split_data
 from emotion.training.loop import CSV_COLUMNS, write_metrics_csv
 from jobs.conf import read_defaults
 from jobs.train import metrics_csv_uri, parse_args
@@ -115,6 +116,38 @@ def test_recipe_fields_take_the_yaml_defaults_through_their_flags(tmp_path):
     given = {"train", "output", "lr"}
     assert all(recipe[key] == value for key, value in defaults.items() if key in recipe and key not in given)
     assert args.resume is False and args.epochs_this_run is None
+
+
+def recipe(tmp_path, *flags: str) -> TrainConfig:
+    args = parse_args(["--train", str(tmp_path / "train"), "--output", str(tmp_path / "m.pt"), *flags])
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_training_copies_of_validation_images_are_dropped_unless_kept(tmp_path, keep):
+    synthetic_faces(tmp_path / "train")
+    rng = np.random.default_rng(1)
+    for folder in FOLDERS[:7]:
+        (tmp_path / "validation" / folder).mkdir(parents=True)
+        pixels = rng.integers(0, 256, (48, 48), dtype=np.uint8)
+        Image.fromarray(pixels, "L").save(tmp_path / "validation" / folder / "own.png")
+    copies = [tmp_path / "train" / folder / "3.png" for folder in FOLDERS[:3]]
+    for copy in copies:
+        (tmp_path / "validation" / copy.parent.name / "copy.png").write_bytes(copy.read_bytes())
+    flags = ["--validation", str(tmp_path / "validation")] + (["--keep-validation-copies"] if keep else [])
+    train, val = split_data(recipe(tmp_path, *flags))
+    assert len(val.targets) == 7 + 3
+    assert len(train.targets) == 7 * 12 - (0 if keep else 3)
+    assert len(set(train.digests) & set(val.digests)) == (3 if keep else 0)
+
+
+def test_a_run_recorded_before_a_recipe_key_existed_resumes_as_what_it_did(tmp_path):
+    (tmp_path / "train").mkdir()
+    cfg = recipe(tmp_path)
+    recorded = {k: v for k, v in asdict(cfg).items() if k != "keep_validation_copies"}
+    assert recipe_changes(recorded, cfg) == []
+    assert recipe_changes(recorded, recipe(tmp_path, "--keep-validation-copies")) == ["keep_validation_copies"]
+    assert recipe_changes(recorded, recipe(tmp_path, "--lr", "0.1")) == ["lr"]
 
 
 def test_metrics_csv_sits_beside_the_checkpoint():

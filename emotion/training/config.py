@@ -1,7 +1,7 @@
 """What a training run trains (`TrainConfig`, stored in the checkpoint as its recipe) and how one
 invocation runs it (`RunOptions`)."""
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 
@@ -31,11 +31,23 @@ class TrainConfig:
     precision: str
     seed: int
     limit_per_class: int | None
+    keep_validation_copies: bool
     augmentation: dict[str, Any]
     # {"teacher", "weight", "temperature"} (emotion.training.distill) or None; one key, so that a
     # run recorded before distillation existed resumes as a run without it.
     distillation: dict[str, Any] | None
     name: str
+
+
+# Recipe keys added after runs were recorded without them, with the value that describes what
+# those runs did, so that they still resume.
+ADDED_KEYS: dict[str, Any] = {"keep_validation_copies": False}
+
+
+def recipe_changes(recorded: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """Keys whose value in `cfg` differs from the recipe a run was recorded with."""
+    recorded = ADDED_KEYS | recorded
+    return sorted(k for k, v in asdict(cfg).items() if recorded.get(k) != v)
 
 
 @dataclass

@@ -66,7 +66,8 @@ def split_data(cfg: TrainConfig) -> tuple[Arrays, Arrays]:
     """Training and validation arrays, with training copies of validation images removed.
 
     Byte-identical files across splits (about 2% of FER2013) would otherwise leak validation
-    images into training and flatter model selection.
+    images into training and flatter model selection. `keep_validation_copies` trains on them
+    anyway, to compare with recipes measured that way.
     """
     train = load_arrays(cfg.train, cfg.input_size, cfg.channels, cfg.limit_per_class)
     if cfg.validation:
@@ -81,7 +82,9 @@ def split_data(cfg: TrainConfig) -> tuple[Arrays, Arrays]:
         train, val = _subset(train, idx_train), _subset(train, idx_val)
     seen = set(val.digests)
     unique = np.asarray([d not in seen for d in train.digests])
-    if not unique.all():
+    if cfg.keep_validation_copies:
+        log.warning("keeping %d training images identical to validation images", (~unique).sum())
+    elif not unique.all():
         log.warning("dropping %d training images identical to validation images", (~unique).sum())
         train = _subset(train, np.flatnonzero(unique))
     return train, val

@@ -32,7 +32,7 @@ from emotion.precision import autocast, resolve_precision
 from emotion.preprocess import normalize
 from emotion.training import tracking
 from emotion.training.augment import augment_faces
-from emotion.training.config import RunOptions, TrainConfig
+from emotion.training.config import RunOptions, TrainConfig, recipe_changes
 from emotion.training.data import class_weights, split_data
 from emotion.training.distill import Distillation, Teacher, load_teacher
 from emotion.uris import portable_name
@@ -110,7 +110,7 @@ def _restore(
     with checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
         best_model = (Path(folder) / CHECKPOINT_FILE).read_bytes()
-    changed = sorted(k for k, v in asdict(cfg).items() if state["recipe"].get(k) != v)
+    changed = recipe_changes(state["recipe"], cfg)
     if changed:
         raise ValueError(f"cannot resume under a different recipe: {', '.join(changed)} changed")
     net = model.module if hasattr(model, "module") else model

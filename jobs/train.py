@@ -20,9 +20,9 @@ from ray.train.torch import TorchTrainer
 
 from emotion.checkpoint import CheckpointError, load_checkpoint
 from emotion.models import available_architectures
-from emotion.training.config import RunOptions, TrainConfig
+from emotion.training.config import RunOptions, TrainConfig, recipe_changes
 from emotion.training.distill import Distillation, check_teacher, load_teacher
-from emotion.training.loop import CHECKPOINT_FILE, train_loop_per_worker
+from emotion.training.loop import CHECKPOINT_FILE, recorded_recipe, train_loop_per_worker
 from emotion.training.tracking import log_result
 from emotion.uris import absolute_uri, filesystem, sha256_of
 from jobs.conf import apply_defaults
@@ -107,7 +107,8 @@ def metrics_csv_uri(output: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    fs, run_folder = filesystem(f"{args.storage.rstrip('/')}/{args.name}")
+    run_uri = f"{args.storage.rstrip('/')}/{args.name}"
+    fs, run_folder = filesystem(run_uri)
     if fs.exists(run_folder) and not args.resume:
         print(f"error: {run_folder} holds an earlier run: pass --resume to continue it, or another --name",
               file=sys.stderr)
@@ -118,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # Flags, YAML keys and TrainConfig fields share their names, so the config is read off them.
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    recorded = recorded_recipe(run_uri) if args.resume else None
+    changed = recipe_changes(recorded, config) if recorded is not None else []
+    if changed:
+        print(f"error: --resume: cannot resume under a different recipe: {', '.join(changed)} changed",
+              file=sys.stderr)
+        return 2
     ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
     cpus = args.cpus_per_worker or max(int(ray.cluster_resources().get("CPU", 1)) // args.workers, 1)
     trainer = TorchTrainer(

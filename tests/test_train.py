@@ -87,6 +87,10 @@ def test_an_interrupted_run_resumes_at_its_next_epoch_and_matches_an_uninterrupt
     again = train(tmp_path, "--epochs", "3")
     assert again.returncode == 2 and "pass --resume to continue it" in again.stderr
 
+    refused = train(tmp_path, "--epochs", "3", "--lr", "0.1", "--resume")
+    assert refused.returncode == 2
+    assert refused.stderr == "error: --resume: cannot resume under a different recipe: lr changed\n"
+
     resumed = train(tmp_path, "--epochs", "3", "--resume")
     log = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, log[-6000:]

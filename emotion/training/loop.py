@@ -32,7 +32,7 @@ from emotion.precision import autocast, resolve_precision
 from emotion.preprocess import normalize
 from emotion.training import tracking
 from emotion.training.augment import augment_faces
-from emotion.training.config import RunOptions, TrainConfig, recipe_changes
+from emotion.training.config import RunOptions, TrainConfig
 from emotion.training.data import class_weights, split_data
 from emotion.training.distill import Distillation, Teacher, load_teacher
 from emotion.uris import portable_name
@@ -95,14 +95,37 @@ def write_metrics_csv(history: list[dict[str, float]], uri: str) -> None:
         f.write(text.getvalue())
 
 
+def recorded_recipe(run_folder: str) -> dict[str, Any] | None:
+    """The recipe stored with a run's latest checkpoint, None before its first one.
+
+    Read in the driver, so that a resume under another recipe is refused before any worker starts:
+    a different schedule length or learning rate would silently train something neither run
+    describes.
+    """
+    ray_train_log = logging.getLogger("ray.train")
+    level = ray_train_log.level
+    # Ray Train announces the snapshot it finds, which it does again when the run resumes.
+    ray_train_log.setLevel(logging.WARNING)
+    try:
+        checkpoint = ray.train.Result.from_path(run_folder).checkpoint
+    except RuntimeError:
+        # The folder of a run stopped before its first checkpoint: it starts afresh.
+        return None
+    finally:
+        ray_train_log.setLevel(level)
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)["recipe"]
+
+
 def _restore(
-    cfg: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator,
 ) -> Progress:
     """Load the latest Ray Train checkpoint of this run into the objects given, if there is one.
 
-    A run resumes only under the recipe it started with: a different schedule length or learning
-    rate would silently train something neither run describes.
+    The recipe was checked against the stored one before the run started (`recorded_recipe`).
     """
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
@@ -110,9 +133,6 @@ def _restore(
     with checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
         best_model = (Path(folder) / CHECKPOINT_FILE).read_bytes()
-    changed = recipe_changes(state["recipe"], cfg)
-    if changed:
-        raise ValueError(f"cannot resume under a different recipe: {', '.join(changed)} changed")
     net = model.module if hasattr(model, "module") else model
     net.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -169,7 +189,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps, pct_start=cfg.warmup_fraction
     )
     generator = torch.Generator().manual_seed(cfg.seed + rank)
-    progress = _restore(cfg, model, optimizer, scheduler, generator)
+    progress = _restore(model, optimizer, scheduler, generator)
     if rank == 0:
         log.info(
             "training %s on %d images (%d validation), %d worker(s), %s, %s",

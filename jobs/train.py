@@ -16,10 +16,12 @@ from pathlib import Path
 import fsspec
 import ray
 import ray.train
+import torch
 from ray.train.torch import TorchTrainer
 
 from emotion.checkpoint import CheckpointError, load_checkpoint
 from emotion.models import available_architectures
+from emotion.training.augment import augment_faces
 from emotion.training.config import RunOptions, TrainConfig, recipe_changes
 from emotion.training.distill import Distillation, check_teacher, load_teacher
 from emotion.training.loop import CHECKPOINT_FILE, recorded_recipe, train_loop_per_worker
@@ -84,6 +86,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             if not fs.isdir(path):
                 parser.error(f"--{flag} {uri}: no such folder")
             setattr(args, flag, absolute_uri(uri))
+    try:
+        # A tiny batch through the augmentation names a wrong key or value before any work starts.
+        augment_faces(torch.zeros(2, args.channels, args.input_size, args.input_size), **args.augmentation)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        parser.error(f"--augmentation: {exc}")
     if args.distillation is not None:
         try:
             distillation = Distillation.from_setting(args.distillation)

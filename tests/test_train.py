@@ -154,6 +154,18 @@ def test_a_run_recorded_before_a_recipe_key_existed_resumes_as_what_it_did(tmp_p
     assert recipe_changes(recorded, recipe(tmp_path, "--lr", "0.1")) == ["lr"]
 
 
+@pytest.mark.parametrize(("setting", "reason"), [
+    ('{"padding_mode": "mirror"}', "expected padding_mode to be 'zeros', 'border', or 'reflection'"),
+    ('{"scale_rang": [0.8, 1.2]}', "unexpected keyword argument 'scale_rang'"),
+])
+def test_a_bad_augmentation_is_refused_before_any_work(tmp_path, capsys, setting, reason):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--train", str(tmp_path), "--output", str(tmp_path / "m.pt"), "--augmentation", setting])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--augmentation: " in err and reason in err
+
+
 def test_metrics_csv_sits_beside_the_checkpoint():
     assert metrics_csv_uri("s3://bucket/models/v2.pt") == "s3://bucket/models/v2.metrics.csv"
     assert metrics_csv_uri("/runs/model") == "/runs/model.metrics.csv"
@@ -214,6 +226,21 @@ def test_plain_augmentation_only_shifts_and_mirrors():
             for dy in range(-4, 5)
             for dx in range(-4, 5)
         )
+
+
+@pytest.mark.parametrize(("padding_mode", "numpy_mode"), [("border", "edge"), ("reflection", "symmetric")])
+def test_shifts_fill_the_uncovered_edge_as_asked(padding_mode, numpy_mode):
+    x = torch.randn(32, 1, 48, 48)
+    plain = {"warp_fraction": 0, "photometric_fraction": 0, "blur_fraction": 0, "noise_fraction": 0}
+    out = augment_faces(x, torch.Generator().manual_seed(0), padding_mode=padding_mode, **plain)
+    shifted = 0
+    for image, augmented in zip(x[:, 0].numpy(), out[:, 0].numpy(), strict=True):
+        padded = [np.pad(source, 4, mode=numpy_mode) for source in (image, image[:, ::-1])]
+        matches = [(dy, dx) for source in padded for dy in range(9) for dx in range(9)
+                   if np.allclose(source[dy : dy + 48, dx : dx + 48], augmented, atol=1e-4)]
+        assert matches, "the whole image, edges included, is a padded and shifted input"
+        shifted += matches[0] != (4, 4)
+    assert shifted > len(x) / 2
 
 
 @pytest.mark.slow

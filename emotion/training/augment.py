@@ -23,6 +23,7 @@ def augment_faces(
     photometric_fraction: float = 0.5,
     blur_fraction: float = 0.05,
     noise_fraction: float = 0.2,
+    padding_mode: str = "border",
 ) -> torch.Tensor:
     """Randomly transform a normalised N x C x H x W batch, each image independently.
 
@@ -30,6 +31,8 @@ def augment_faces(
     also rotated and scaled, `photometric_fraction` get a contrast and brightness change,
     `blur_fraction` a light blur and `noise_fraction` Gaussian noise. Fractions of 0 leave only
     flips and shifts, the plain recipe ablations compare against (`jobs.train --augmentation`).
+    `padding_mode` fills what a shift uncovers as `grid_sample` does: "border" repeats the edge
+    pixels, "reflection" mirrors the face across its edge, "zeros" leaves it blank.
     """
     n, device = x.shape[0], x.device
     height, width = x.shape[-2:]
@@ -57,7 +60,7 @@ def augment_faces(
         dim=1,
     )
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
 
     photometric = chance(photometric_fraction).view(n, 1, 1, 1)
     contrast = uniform(0.85, 1.15).view(n, 1, 1, 1)

@@ -86,9 +86,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             if not fs.isdir(path):
                 parser.error(f"--{flag} {uri}: no such folder")
             setattr(args, flag, absolute_uri(uri))
+    if args.input_size < 1:
+        parser.error(f"--input-size {args.input_size}: must be a positive number of pixels")
+    faces = torch.zeros(2, args.channels, args.input_size, args.input_size)
     try:
         # A tiny batch through the augmentation names a wrong key or value before any work starts.
-        augment_faces(torch.zeros(2, args.channels, args.input_size, args.input_size), **args.augmentation)
+        augment_faces(faces, torch.Generator(), **args.augmentation)
     except (TypeError, ValueError, RuntimeError) as exc:
         parser.error(f"--augmentation: {exc}")
     if args.distillation is not None:

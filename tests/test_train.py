@@ -19,7 +19,7 @@ from emotion.predictor import Predictor
 from emotion.training.augment import augment_faces
 from emotion.training.config import TrainConfig, recipe_changes
 from emotion.training.data import class_weights, split_data
-from emotion.training.loop import CSV_COLUMNS, write_metrics_csv
+from emotion.training.loop import CSV_COLUMNS, recorded_recipe, write_metrics_csv
 from jobs.conf import read_defaults
 from jobs.train import metrics_csv_uri, parse_args
 from tests.images import labelled_faces
@@ -269,3 +269,9 @@ def test_mlflow_records_one_run_across_a_resume_with_params_metrics_and_artifact
     assert artifacts == {"model/model.pt", "model/model-card.md"}
     card = Path(client.download_artifacts(run.info.run_id, "model/model-card.md", str(tmp_path))).read_text()
     assert card.startswith("# Model card: tracked") and "| angry |" in card
+
+
+def test_a_run_folder_without_a_checkpoint_records_no_recipe(tmp_path):
+    """Ray Train makes the run folder before the first epoch ends: such a run starts afresh."""
+    (tmp_path / "run").mkdir()
+    assert recorded_recipe(str(tmp_path / "run")) is None

@@ -32,7 +32,7 @@ def augment_faces(
     `blur_fraction` a light blur and `noise_fraction` Gaussian noise. Fractions of 0 leave only
     flips and shifts, the plain recipe ablations compare against (`jobs.train --augmentation`).
     `padding_mode` fills what a shift uncovers as `grid_sample` does: "border" repeats the edge
-    pixels, "reflection" mirrors the face across its edge, "zeros" leaves it blank.
+    pixels, "reflection" mirrors the face across its edge, "zeros" fills it with the training set's mean.
     """
     n, device = x.shape[0], x.device
     height, width = x.shape[-2:]

@@ -33,15 +33,14 @@ class TrainConfig:
     limit_per_class: int | None
     keep_validation_copies: bool
     augmentation: dict[str, Any]
-    # {"teacher", "weight", "temperature"} (emotion.training.distill) or None; one key, so that a
-    # run recorded before distillation existed resumes as a run without it.
+    # {"teacher", "weight", "temperature"} (emotion.training.distill) or None.
     distillation: dict[str, Any] | None
     name: str
 
 
 # Recipe keys added after runs were recorded without them, with the value that describes what
 # those runs did, so that they still resume.
-ADDED_KEYS: dict[str, Any] = {"keep_validation_copies": False}
+ADDED_KEYS: dict[str, Any] = {"distillation": None, "keep_validation_copies": False}
 
 
 def recipe_changes(recorded: dict[str, Any], cfg: TrainConfig) -> list[str]:

@@ -82,7 +82,7 @@ def split_data(cfg: TrainConfig) -> tuple[Arrays, Arrays]:
         train, val = _subset(train, idx_train), _subset(train, idx_val)
     seen = set(val.digests)
     unique = np.asarray([d not in seen for d in train.digests])
-    if cfg.keep_validation_copies:
+    if cfg.keep_validation_copies and not unique.all():
         log.warning("keeping %d training images identical to validation images", (~unique).sum())
     elif not unique.all():
         log.warning("dropping %d training images identical to validation images", (~unique).sum())

@@ -95,8 +95,9 @@ def write_metrics_csv(history: list[dict[str, float]], uri: str) -> None:
         f.write(text.getvalue())
 
 
-def recorded_recipe(run_folder: str) -> dict[str, Any] | None:
-    """The recipe stored with a run's latest checkpoint, None before its first one.
+def recorded_recipe(run_uri: str) -> dict[str, Any] | None:
+    """The recipe stored with a run's latest checkpoint (`run_uri`: an absolute local path or an
+    s3:// URI, as Ray Train takes it), None before its first one.
 
     Read in the driver, so that a resume under another recipe is refused before any worker starts:
     a different schedule length or learning rate would silently train something neither run
@@ -107,7 +108,7 @@ def recorded_recipe(run_folder: str) -> dict[str, Any] | None:
     # Ray Train announces the snapshot it finds, which it does again when the run resumes.
     ray_train_log.setLevel(logging.WARNING)
     try:
-        checkpoint = ray.train.Result.from_path(run_folder).checkpoint
+        checkpoint = ray.train.Result.from_path(run_uri).checkpoint
     except RuntimeError:
         # The folder of a run stopped before its first checkpoint: it starts afresh.
         return None

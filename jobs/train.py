@@ -101,7 +101,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         except (ValueError, OSError) as exc:
             parser.error(f"--distillation: {exc}")
         teacher = absolute_uri(distillation.teacher)
-        args.distillation = asdict(distillation) | {"teacher": teacher, "sha256": sha256_of(teacher)}
+        # A sha256 the user gave was checked against the file by load_teacher: no second read.
+        digest = distillation.sha256.lower() if distillation.sha256 else sha256_of(teacher)
+        args.distillation = asdict(distillation) | {"teacher": teacher, "sha256": digest}
     args.output, args.storage = absolute_uri(args.output), absolute_uri(os.path.expanduser(args.storage))
     if args.mlflow_uri and "://" not in args.mlflow_uri:
         # A local folder, given as a file URI: the workers' working directory is not the driver's.

@@ -98,8 +98,11 @@ def test_the_job_records_the_teachers_sha256_in_the_recipe(tmp_path):
     setting = {"teacher": str(tmp_path / "teacher.pt"), "weight": 0.5, "temperature": 2}
     args = parse_args(["--train", str(tmp_path / "train"), "--output", str(tmp_path / "s.pt"),
                        "--distillation", json.dumps(setting)])
-    assert args.distillation == setting | {"weight": 0.5, "temperature": 2.0,
-                                           "sha256": sha256_of(str(tmp_path / "teacher.pt"))}
+    digest = sha256_of(str(tmp_path / "teacher.pt"))
+    assert args.distillation == setting | {"weight": 0.5, "temperature": 2.0, "sha256": digest}
+    given = parse_args(["--train", str(tmp_path / "train"), "--output", str(tmp_path / "s.pt"),
+                        "--distillation", json.dumps(setting | {"sha256": digest.upper()})])
+    assert given.distillation["sha256"] == digest
 
 
 def train(tmp_path, *extra: str) -> subprocess.CompletedProcess:

@@ -82,11 +82,11 @@ def split_data(cfg: TrainConfig) -> tuple[Arrays, Arrays]:
         train, val = _subset(train, idx_train), _subset(train, idx_val)
     seen = set(val.digests)
     unique = np.asarray([d not in seen for d in train.digests])
-    if cfg.keep_validation_copies and not unique.all():
-        log.warning("keeping %d training images identical to validation images", (~unique).sum())
-    elif not unique.all():
-        log.warning("dropping %d training images identical to validation images", (~unique).sum())
-        train = _subset(train, np.flatnonzero(unique))
+    if not unique.all():
+        verb = "keeping" if cfg.keep_validation_copies else "dropping"
+        log.warning("%s %d training images identical to validation images", verb, (~unique).sum())
+        if not cfg.keep_validation_copies:
+            train = _subset(train, np.flatnonzero(unique))
     return train, val
 
 

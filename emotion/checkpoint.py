@@ -6,6 +6,7 @@ a checkpoint is data and must never be able to run code.
 """
 
 import dataclasses
+import hashlib
 import io
 import pickle
 import warnings
@@ -109,8 +110,21 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
     Every failure is a CheckpointError naming the file and what is wrong with it, raised before
     any work is scheduled, so a typo in `--model` costs seconds rather than a cluster job.
     """
+    return load_checkpoint_and_digest(path)[0]
+
+
+def load_checkpoint_and_digest(path: str | Path | None = None) -> tuple[Checkpoint, str]:
+    """`load_checkpoint`, with the hex sha256 of the very bytes it loaded.
+
+    Hashing the file in a second read could name a file replaced between the two reads, and a
+    record of which weights a run used must name the ones it used.
+    """
     where = str(DEFAULT_CHECKPOINT if path is None else path)
     data = _read(where)
+    return _parse(data, where), hashlib.sha256(data).hexdigest()
+
+
+def _parse(data: bytes, where: str) -> Checkpoint:
     try:
         with warnings.catch_warnings():
             # Garbage whose second byte reads as a pickle protocol number makes torch warn about

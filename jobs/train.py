@@ -26,7 +26,7 @@ from emotion.training.config import RunOptions, TrainConfig, recipe_changes
 from emotion.training.distill import Distillation, check_teacher, load_teacher
 from emotion.training.loop import CHECKPOINT_FILE, recorded_recipe, train_loop_per_worker
 from emotion.training.tracking import log_result
-from emotion.uris import absolute_uri, filesystem, sha256_of
+from emotion.uris import absolute_uri, filesystem
 from jobs.conf import apply_defaults
 
 
@@ -97,13 +97,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.distillation is not None:
         try:
             distillation = Distillation.from_setting(args.distillation)
-            check_teacher(load_teacher(distillation), args.input_size, args.channels)
+            checkpoint, digest = load_teacher(distillation)
+            check_teacher(checkpoint, args.input_size, args.channels)
         except (ValueError, OSError) as exc:
             parser.error(f"--distillation: {exc}")
-        teacher = absolute_uri(distillation.teacher)
-        # A sha256 the user gave was checked against the file by load_teacher: no second read.
-        digest = distillation.sha256.lower() if distillation.sha256 else sha256_of(teacher)
-        args.distillation = asdict(distillation) | {"teacher": teacher, "sha256": digest}
+        args.distillation = asdict(distillation) | {"teacher": absolute_uri(distillation.teacher), "sha256": digest}
     args.output, args.storage = absolute_uri(args.output), absolute_uri(os.path.expanduser(args.storage))
     if args.mlflow_uri and "://" not in args.mlflow_uri:
         # A local folder, given as a file URI: the workers' working directory is not the driver's.

@@ -1,3 +1,4 @@
+import hashlib
 import io
 import os
 import pickle
@@ -8,7 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from emotion.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint, save_checkpoint
+from emotion.checkpoint import (
+    DEFAULT_CHECKPOINT,
+    CheckpointError,
+    load_checkpoint,
+    load_checkpoint_and_digest,
+    save_checkpoint,
+)
 from emotion.labels import LABELS
 from tests.conftest import tiny_checkpoint
 
@@ -24,6 +31,13 @@ def test_round_trip_keeps_every_field(tmp_path):
     assert loaded.num_params == sum(p.numel() for p in loaded.build().parameters())
     for key, tensor in original.state_dict.items():
         assert torch.equal(loaded.state_dict[key], tensor)
+
+
+def test_the_digest_is_of_the_bytes_loaded(tmp_path):
+    save_checkpoint(tiny_checkpoint(), tmp_path / "m.pt")
+    checkpoint, digest = load_checkpoint_and_digest(tmp_path / "m.pt")
+    assert checkpoint.name == "tiny"
+    assert digest == hashlib.sha256((tmp_path / "m.pt").read_bytes()).hexdigest()
 
 
 def test_missing_file_is_named(tmp_path):

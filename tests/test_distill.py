@@ -85,7 +85,8 @@ def test_a_teacher_file_replaced_since_the_run_started_is_refused(tmp_path):
     path = tmp_path / "teacher.pt"
     save_checkpoint(tiny_checkpoint(), path)
     setting = Distillation(str(path), 0.5, 2.0, sha256_of(str(path)))
-    assert load_teacher(setting).name == "tiny"
+    checkpoint, digest = load_teacher(setting)
+    assert (checkpoint.name, digest) == ("tiny", setting.sha256)
     save_checkpoint(tiny_checkpoint(seed=1), path)
     with pytest.raises(ValueError, match=f"{path} is not the teacher this run was given: its sha256 is "
                                          f"{sha256_of(str(path))[:12]}, not {setting.sha256[:12]}"):

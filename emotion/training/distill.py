@@ -19,9 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from emotion.checkpoint import Checkpoint, load_checkpoint
+from emotion.checkpoint import Checkpoint, load_checkpoint_and_digest
 from emotion.labels import LABELS
-from emotion.uris import sha256_of
 
 KEYS = ("teacher", "weight", "temperature")
 # Recorded by jobs.train when a run starts, or given to insist on one file.
@@ -61,13 +60,14 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def load_teacher(setting: Distillation) -> Checkpoint:
-    """The teacher's checkpoint, refused when the file is not the one the setting records."""
-    checkpoint = load_checkpoint(setting.teacher)
-    if setting.sha256 is not None and (found := sha256_of(setting.teacher)) != setting.sha256.lower():
+def load_teacher(setting: Distillation) -> tuple[Checkpoint, str]:
+    """The teacher's checkpoint and the sha256 of the bytes it was loaded from, refused when they
+    are not the file the setting records."""
+    checkpoint, digest = load_checkpoint_and_digest(setting.teacher)
+    if setting.sha256 is not None and digest != setting.sha256.lower():
         raise ValueError(f"{setting.teacher} is not the teacher this run was given: its sha256 is "
-                         f"{found[:12]}, not {setting.sha256[:12]}")
-    return checkpoint
+                         f"{digest[:12]}, not {setting.sha256[:12]}")
+    return checkpoint, digest
 
 
 def check_teacher(checkpoint: Checkpoint, input_size: int, channels: int) -> None:

@@ -180,7 +180,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     distillation = Distillation.from_setting(cfg.distillation) if cfg.distillation is not None else None
     teacher = None
     if distillation is not None:
-        teacher = Teacher(distillation, load_teacher(distillation), device, mean, std, cfg.input_size)
+        teacher = Teacher(distillation, load_teacher(distillation)[0], device, mean, std, cfg.input_size)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay
     )

@@ -28,14 +28,14 @@ import ray
 import ray.data
 import torch
 
-from emotion.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, CheckpointError, load_checkpoint
+from emotion.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, CheckpointError, load_checkpoint_and_digest
 from emotion.evaluation.gate import verdict
 from emotion.evaluation.history import append_history, history_entry, read_history, read_reference
 from emotion.evaluation.report import render_html, with_crops
 from emotion.evaluation.sets import LabelledSet, join_truth, read_labelled_set, set_result
 from emotion.explain import Explainer
 from emotion.faces import FaceConfig, FaceFinder
-from emotion.uris import absolute_uri, filesystem, sha256_of
+from emotion.uris import absolute_uri, filesystem
 from jobs.common import UsageError, start
 from jobs.conf import CONF_DIR, apply_defaults
 from jobs.pipeline import PipelineConfig, check_backend, check_faces, face_settings, score_files, settled_config
@@ -58,6 +58,7 @@ class EvaluateJob:
     output: str
     checkpoint: Checkpoint
     model_uri: str
+    model_sha256: str
     pipeline: PipelineConfig
     face_config: FaceConfig
     history: str | None
@@ -185,7 +186,8 @@ def plan_job(args: argparse.Namespace, run_id: str) -> EvaluateJob:
         raise UsageError(f"--input: set names must be unique, got {', '.join(names)}")
     model_uri = absolute_uri(args.model) if args.model else str(DEFAULT_CHECKPOINT)
     try:
-        checkpoint = load_checkpoint(model_uri)
+        # The report names the bytes evaluated, not a file replaced while the run went on.
+        checkpoint, model_sha256 = load_checkpoint_and_digest(model_uri)
     except CheckpointError as exc:
         raise UsageError(f"--model {exc}") from None
     face_config = face_settings(args.face_config)
@@ -212,6 +214,7 @@ def plan_job(args: argparse.Namespace, run_id: str) -> EvaluateJob:
         output=output,
         checkpoint=checkpoint,
         model_uri=model_uri,
+        model_sha256=model_sha256,
         pipeline=settled_config(args, checkpoint),
         face_config=face_config,
         history=history,
@@ -291,7 +294,7 @@ def run(job: EvaluateJob, started_at: datetime) -> dict[str, Any]:
             "pipeline": asdict(job.pipeline),
         },
         "model": job.checkpoint.describe() | {
-            "uri": job.model_uri, "sha256": sha256_of(job.model_uri), "bytes": int(fs.size(path)),
+            "uri": job.model_uri, "sha256": job.model_sha256, "bytes": int(fs.size(path)),
             "backend": job.pipeline.backend,
         },
         "sets": sets,

@@ -27,9 +27,9 @@ import ray.data
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from emotion.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, CheckpointError, load_checkpoint
+from emotion.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, CheckpointError, load_checkpoint_and_digest
 from emotion.folders import list_images
-from emotion.uris import absolute_uri, arrow_filesystem, filesystem, join, sha256_of, strip_scheme
+from emotion.uris import absolute_uri, arrow_filesystem, filesystem, join, strip_scheme
 from jobs.common import UsageError, start
 from jobs.conf import apply_defaults
 from jobs.layout import WRITE_CPUS, LayoutError, alive_nodes, fit_layout
@@ -152,14 +152,14 @@ def plan_job(args: argparse.Namespace) -> ScoreJob:
         raise UsageError(f"--input {args.input}: no image files found (looked for .jpg, .png, ...)")
     model_uri = absolute_uri(args.model) if args.model else str(DEFAULT_CHECKPOINT)
     try:
-        checkpoint = load_checkpoint(model_uri)
+        # The digest recorded is of the bytes scored, not of a later read of a file that may change.
+        checkpoint, model_sha256 = load_checkpoint_and_digest(model_uri)
     except CheckpointError as exc:
         raise UsageError(f"--model {exc}") from None
     if args.limit:
         paths = paths[: args.limit]
     input_uri = absolute_uri(args.input).rstrip("/")
     output = absolute_uri(args.output).rstrip("/")
-    model_sha256 = sha256_of(model_uri)
     # Rows cut under other face settings must not share an output: they could differ in number;
     # rows of two backends differ in the last digits of their probabilities.
     fs, root = filesystem(output)

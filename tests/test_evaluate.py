@@ -6,6 +6,7 @@ whose head is fitted to other FER2013 images, so its predictions spread over the
 """
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -228,6 +229,8 @@ class TestEvaluation:
         assert ck["confusion_matrix"]["normalized"][LABELS.index("neutral")] is None
         assert ck["per_class"]["neutral"]["support"] == 0 and ck["per_class"]["neutral"]["recall"] is None
         assert ck["labels"] == list(LABELS)
+        model_file = Path(report["model"]["uri"]).read_bytes()
+        assert report["model"]["sha256"] == hashlib.sha256(model_file).hexdigest()
         for result in (ck, fer):
             eff = result["efficiency"]
             assert eff["images"] == result["n_images"] and eff["seconds"] > 0

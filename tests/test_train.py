@@ -198,11 +198,24 @@ def test_augmentation_keeps_shape_and_varies_per_image():
     assert (out - x).abs().mean() > 0.05
 
 
+def test_by_default_about_30_percent_of_faces_are_warped_and_none_recoloured():
+    """Every default face that is not warped equals its input shifted and perhaps mirrored."""
+    x = torch.randn(200, 1, 48, 48)
+    out = augment_faces(x, torch.Generator().manual_seed(0))
+    exact = sum(
+        any(torch.allclose(torch.roll(source, (dy, dx), (0, 1))[8:40, 8:40], augmented[8:40, 8:40], atol=1e-5)
+            for source in (image, image.flip(-1)) for dy in range(-4, 5) for dx in range(-4, 5))
+        for image, augmented in zip(x[:, 0], out[:, 0], strict=True)
+    )
+    assert 0.6 < exact / len(x) < 0.8
+
+
 def test_unwarped_faces_are_shifted_and_mirrored_without_resampling():
     """Flips and whole-pixel shifts must not blur: about 0.7 x 0.5 x 0.8 x 0.95 = 27% of faces get
     no warp, photometric change, noise or blur, and those must equal a shifted input exactly."""
     x = torch.randn(256, 1, 48, 48)
-    out = augment_faces(x, torch.Generator().manual_seed(0))
+    mixed = {"photometric_fraction": 0.5, "blur_fraction": 0.05, "noise_fraction": 0.2}
+    out = augment_faces(x, torch.Generator().manual_seed(0), **mixed)
     exact = 0
     for image, augmented in zip(x[:, 0], out[:, 0], strict=True):
         candidates = (

@@ -1,10 +1,12 @@
 """Batch augmentation for face training, run on the training device as tensor ops.
 
 Only changes that keep the expression: mirroring and whole-pixel shifts for every image, a small
-rotation and scale for a minority, and mild photometric changes. Most images are never resampled:
-bilinear resampling of every 48x48 training face blurs it, so the network would learn on softer
-faces than it is evaluated on. Warping every image left an earlier default under-fitting (the
-figures, measured on the network whose residual branches never trained, are in the model card).
+rotation and a scale of up to 20% either way for a minority, and, when asked, mild photometric
+changes, blur and noise. Most images are never resampled: bilinear resampling of every 48x48
+training face blurs it, so the network would learn on softer faces than it is evaluated on.
+The defaults are the recipe measured best at 30 epochs: the scale jitter makes a crop framed 20%
+tighter or looser cost less at no cost in accuracy, while the photometric changes, blur and noise
+left the network under-fitting at that length (figures in the model card).
 """
 
 import math
@@ -19,10 +21,10 @@ def augment_faces(
     max_shift_px: int = 4,
     warp_fraction: float = 0.3,
     max_rotation_deg: float = 10.0,
-    scale_range: tuple[float, float] = (0.92, 1.08),
-    photometric_fraction: float = 0.5,
-    blur_fraction: float = 0.05,
-    noise_fraction: float = 0.2,
+    scale_range: tuple[float, float] = (0.8, 1.2),
+    photometric_fraction: float = 0.0,
+    blur_fraction: float = 0.0,
+    noise_fraction: float = 0.0,
     padding_mode: str = "border",
 ) -> torch.Tensor:
     """Randomly transform a normalised N x C x H x W batch, each image independently.

@@ -1,7 +1,8 @@
 """One self-describing file per model: weights plus everything needed to use them correctly.
 
-The batch job, the evaluator and the Serve replicas all load through `load_checkpoint`, so they
-cannot disagree about preprocessing or class order. Files are read with `weights_only=True`:
+The batch job, the evaluator and the Serve replicas all load through `load_checkpoint` (or
+`load_checkpoint_file`, which also hashes what it read), so they cannot disagree about
+preprocessing or class order. Files are read with `weights_only=True`:
 a checkpoint is data and must never be able to run code.
 """
 
@@ -12,7 +13,7 @@ import pickle
 import warnings
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import fsspec
 import torch
@@ -110,18 +111,27 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
     Every failure is a CheckpointError naming the file and what is wrong with it, raised before
     any work is scheduled, so a typo in `--model` costs seconds rather than a cluster job.
     """
-    return load_checkpoint_and_digest(path)[0]
+    where = str(DEFAULT_CHECKPOINT if path is None else path)
+    return _parse(_read(where), where)
 
 
-def load_checkpoint_and_digest(path: str | Path | None = None) -> tuple[Checkpoint, str]:
-    """`load_checkpoint`, with the hex sha256 of the very bytes it loaded.
+class CheckpointFile(NamedTuple):
+    """A checkpoint with the sha256 and size of the very bytes it was loaded from."""
+
+    checkpoint: Checkpoint
+    sha256: str
+    size: int
+
+
+def load_checkpoint_file(path: str | Path | None = None) -> CheckpointFile:
+    """`load_checkpoint`, for callers that record which file they used.
 
     Hashing the file in a second read could name a file replaced between the two reads, and a
     record of which weights a run used must name the ones it used.
     """
     where = str(DEFAULT_CHECKPOINT if path is None else path)
     data = _read(where)
-    return _parse(data, where), hashlib.sha256(data).hexdigest()
+    return CheckpointFile(_parse(data, where), hashlib.sha256(data).hexdigest(), len(data))
 
 
 def _parse(data: bytes, where: str) -> Checkpoint:

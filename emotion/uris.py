@@ -2,7 +2,6 @@
 and Ray Data's readers name the same object `bucket/key`; the output keeps the latter in `path`.
 """
 
-import hashlib
 import os
 
 import fsspec
@@ -71,8 +70,3 @@ def portable_name(uri: str) -> str:
     parts = [part for part in strip_scheme(uri).split("/") if part]
     return "/".join(parts[-2:])
 
-
-def sha256_of(uri: str) -> str:
-    """The hex sha256 of a local or remote file, read in chunks."""
-    with fsspec.open(uri, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()

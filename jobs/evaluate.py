@@ -28,7 +28,7 @@ import ray
 import ray.data
 import torch
 
-from emotion.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, CheckpointError, load_checkpoint_and_digest
+from emotion.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, CheckpointError, load_checkpoint_file
 from emotion.evaluation.gate import verdict
 from emotion.evaluation.history import append_history, history_entry, read_history, read_reference
 from emotion.evaluation.report import render_html, with_crops
@@ -58,7 +58,9 @@ class EvaluateJob:
     output: str
     checkpoint: Checkpoint
     model_uri: str
+    # sha256 and size of the bytes loaded, not of a file that may be replaced while the run goes on.
     model_sha256: str
+    model_bytes: int
     pipeline: PipelineConfig
     face_config: FaceConfig
     history: str | None
@@ -186,10 +188,10 @@ def plan_job(args: argparse.Namespace, run_id: str) -> EvaluateJob:
         raise UsageError(f"--input: set names must be unique, got {', '.join(names)}")
     model_uri = absolute_uri(args.model) if args.model else str(DEFAULT_CHECKPOINT)
     try:
-        # The report names the bytes evaluated, not a file replaced while the run went on.
-        checkpoint, model_sha256 = load_checkpoint_and_digest(model_uri)
+        model_file = load_checkpoint_file(model_uri)
     except CheckpointError as exc:
         raise UsageError(f"--model {exc}") from None
+    checkpoint = model_file.checkpoint
     face_config = face_settings(args.face_config)
     sets = [read_input(spec, checkpoint.labels, args.faces) for spec in args.input]
     output = absolute_uri(args.output.replace("{run_id}", run_id)).rstrip("/")
@@ -214,7 +216,8 @@ def plan_job(args: argparse.Namespace, run_id: str) -> EvaluateJob:
         output=output,
         checkpoint=checkpoint,
         model_uri=model_uri,
-        model_sha256=model_sha256,
+        model_sha256=model_file.sha256,
+        model_bytes=model_file.size,
         pipeline=settled_config(args, checkpoint),
         face_config=face_config,
         history=history,
@@ -240,7 +243,6 @@ def score_set(job: EvaluateJob, labelled: LabelledSet) -> tuple[pd.DataFrame, di
     seconds = time.monotonic() - started
     df = join_truth(df, labelled, job.checkpoint.labels)
     ok = int((df["status"] == "ok").sum())
-    fs, path = filesystem(job.model_uri)
     peak_gpu = int(df["peak_gpu_bytes"].max())
     efficiency = {
         "images": len(df),
@@ -249,7 +251,7 @@ def score_set(job: EvaluateJob, labelled: LabelledSet) -> tuple[pd.DataFrame, di
         "mean_inference_ms": float(df["inference_seconds"].sum() / ok * 1000) if ok else None,
         "peak_rss_mb": round(float(df["peak_rss_bytes"].max()) / 2**20, 1),
         "peak_gpu_mb": round(peak_gpu / 2**20, 1) if peak_gpu else None,
-        "model_bytes": int(fs.size(path)),
+        "model_bytes": job.model_bytes,
         "num_params": job.checkpoint.num_params,
     }
     return df.drop(columns=list(_TIMING_COLUMNS)), efficiency
@@ -280,7 +282,6 @@ def run(job: EvaluateJob, started_at: datetime) -> dict[str, Any]:
         sets[labelled.name] = set_result(labelled, df, job.checkpoint.labels, job.bins, job.gallery, efficiency,
                                          predictions)
     comparison, gate = verdict(sets, job.previous, job.baseline, job.baseline_uri, job.tolerance)
-    fs, path = filesystem(job.model_uri)
     report = {
         "schema_version": SCHEMA_VERSION,
         "run": {
@@ -294,7 +295,7 @@ def run(job: EvaluateJob, started_at: datetime) -> dict[str, Any]:
             "pipeline": asdict(job.pipeline),
         },
         "model": job.checkpoint.describe() | {
-            "uri": job.model_uri, "sha256": job.model_sha256, "bytes": int(fs.size(path)),
+            "uri": job.model_uri, "sha256": job.model_sha256, "bytes": job.model_bytes,
             "backend": job.pipeline.backend,
         },
         "sets": sets,

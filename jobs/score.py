@@ -27,7 +27,7 @@ import ray.data
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from emotion.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, CheckpointError, load_checkpoint_and_digest
+from emotion.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, CheckpointError, load_checkpoint_file
 from emotion.folders import list_images
 from emotion.uris import absolute_uri, arrow_filesystem, filesystem, join, strip_scheme
 from jobs.common import UsageError, start
@@ -153,7 +153,7 @@ def plan_job(args: argparse.Namespace) -> ScoreJob:
     model_uri = absolute_uri(args.model) if args.model else str(DEFAULT_CHECKPOINT)
     try:
         # The digest recorded is of the bytes scored, not of a later read of a file that may change.
-        checkpoint, model_sha256 = load_checkpoint_and_digest(model_uri)
+        checkpoint, model_sha256, _ = load_checkpoint_file(model_uri)
     except CheckpointError as exc:
         raise UsageError(f"--model {exc}") from None
     if args.limit:

@@ -21,7 +21,7 @@ from ray.train.torch import TorchTrainer
 
 from emotion.checkpoint import CheckpointError, load_checkpoint
 from emotion.models import available_architectures
-from emotion.training.augment import augment_faces
+from emotion.training.augment import augment_faces, augmentation_settings
 from emotion.training.config import RunOptions, TrainConfig, recipe_changes
 from emotion.training.distill import Distillation, check_teacher, load_teacher
 from emotion.training.loop import CHECKPOINT_FILE, recorded_recipe, train_loop_per_worker
@@ -90,7 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--input-size {args.input_size}: must be a positive number of pixels")
     faces = torch.zeros(2, args.channels, args.input_size, args.input_size)
     try:
-        # A tiny batch through the augmentation names a wrong key or value before any work starts.
+        args.augmentation = augmentation_settings(args.augmentation)
+        # A tiny batch through the augmentation names a wrong value before any work starts.
         augment_faces(faces, torch.Generator(), **args.augmentation)
     except (TypeError, ValueError, RuntimeError) as exc:
         parser.error(f"--augmentation: {exc}")

@@ -1,5 +1,6 @@
 """Shared fixtures: a small checkpoint built in-process, and the path to the shared data."""
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,11 @@ def require_fer2013() -> Path:
     if not (FER2013 / "validation").is_dir():
         pytest.skip(f"shared FER2013 data not found at {FER2013} (only present beside the CI clone)")
     return FER2013
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 a job should record for the file at `path`."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def tiny_checkpoint(seed: int = 0, name: str = "tiny", **fields: object):

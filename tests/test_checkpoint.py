@@ -1,4 +1,3 @@
-import hashlib
 import io
 import os
 import pickle
@@ -9,15 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
+import emotion.checkpoint as checkpoint_module
 from emotion.checkpoint import (
     DEFAULT_CHECKPOINT,
     CheckpointError,
     load_checkpoint,
-    load_checkpoint_and_digest,
+    load_checkpoint_file,
     save_checkpoint,
 )
 from emotion.labels import LABELS
-from tests.conftest import tiny_checkpoint
+from tests.conftest import file_sha256, tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,11 +33,21 @@ def test_round_trip_keeps_every_field(tmp_path):
         assert torch.equal(loaded.state_dict[key], tensor)
 
 
-def test_the_digest_is_of_the_bytes_loaded(tmp_path):
-    save_checkpoint(tiny_checkpoint(), tmp_path / "m.pt")
-    checkpoint, digest = load_checkpoint_and_digest(tmp_path / "m.pt")
-    assert checkpoint.name == "tiny"
-    assert digest == hashlib.sha256((tmp_path / "m.pt").read_bytes()).hexdigest()
+def test_the_digest_and_size_are_of_the_bytes_loaded_even_if_the_file_changes_after(tmp_path, monkeypatch):
+    path = tmp_path / "m.pt"
+    save_checkpoint(tiny_checkpoint(), path)
+    loaded_digest, loaded_size = file_sha256(path), path.stat().st_size
+    read = checkpoint_module._read
+
+    def read_then_replace(where: str) -> bytes:
+        data = read(where)
+        save_checkpoint(tiny_checkpoint(seed=1, name="other"), path)
+        return data
+
+    monkeypatch.setattr(checkpoint_module, "_read", read_then_replace)
+    checkpoint, digest, size = load_checkpoint_file(path)
+    assert (checkpoint.name, digest, size) == ("tiny", loaded_digest, loaded_size)
+    assert file_sha256(path) != digest
 
 
 def test_missing_file_is_named(tmp_path):

@@ -16,9 +16,8 @@ from emotion.labels import LABELS
 from emotion.predictor import Predictor
 from emotion.preprocess import normalize
 from emotion.training.distill import Distillation, Teacher, distillation_loss, load_teacher
-from emotion.uris import sha256_of
 from jobs.train import parse_args
-from tests.conftest import tiny_checkpoint
+from tests.conftest import file_sha256, tiny_checkpoint
 from tests.services import ROOT
 from tests.test_score_faces import always
 from tests.test_train import synthetic_faces
@@ -84,12 +83,12 @@ def test_a_bad_setting_says_what_is_wrong(setting, message):
 def test_a_teacher_file_replaced_since_the_run_started_is_refused(tmp_path):
     path = tmp_path / "teacher.pt"
     save_checkpoint(tiny_checkpoint(), path)
-    setting = Distillation(str(path), 0.5, 2.0, sha256_of(str(path)))
+    setting = Distillation(str(path), 0.5, 2.0, file_sha256(path))
     checkpoint, digest = load_teacher(setting)
     assert (checkpoint.name, digest) == ("tiny", setting.sha256)
     save_checkpoint(tiny_checkpoint(seed=1), path)
     with pytest.raises(ValueError, match=f"{path} is not the teacher this run was given: its sha256 is "
-                                         f"{sha256_of(str(path))[:12]}, not {setting.sha256[:12]}"):
+                                         f"{file_sha256(path)[:12]}, not {setting.sha256[:12]}"):
         load_teacher(setting)
 
 
@@ -99,7 +98,7 @@ def test_the_job_records_the_teachers_sha256_in_the_recipe(tmp_path):
     setting = {"teacher": str(tmp_path / "teacher.pt"), "weight": 0.5, "temperature": 2}
     args = parse_args(["--train", str(tmp_path / "train"), "--output", str(tmp_path / "s.pt"),
                        "--distillation", json.dumps(setting)])
-    digest = sha256_of(str(tmp_path / "teacher.pt"))
+    digest = file_sha256(tmp_path / "teacher.pt")
     assert args.distillation == setting | {"weight": 0.5, "temperature": 2.0, "sha256": digest}
     given = parse_args(["--train", str(tmp_path / "train"), "--output", str(tmp_path / "s.pt"),
                         "--distillation", json.dumps(setting | {"sha256": digest.upper()})])
@@ -149,7 +148,7 @@ def test_a_student_taught_only_by_its_teacher_learns_the_teachers_answer(tmp_pat
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     student = load_checkpoint(tmp_path / "student.pt")
     assert student.recipe["distillation"] == {"teacher": f"{tmp_path.name}/teacher.pt", "weight": 1.0,
-                                              "temperature": 2.0, "sha256": sha256_of(str(tmp_path / "teacher.pt"))}
+                                              "temperature": 2.0, "sha256": file_sha256(tmp_path / "teacher.pt")}
     assert student.trained_on.endswith(f"; distilled from {tmp_path.name}/teacher.pt")
     faces = [path.read_bytes() for path in sorted((tmp_path / "train").glob("*/*"))]
 

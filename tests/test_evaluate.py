@@ -6,7 +6,6 @@ whose head is fitted to other FER2013 images, so its predictions spread over the
 """
 
 import dataclasses
-import hashlib
 import io
 import json
 import os
@@ -33,7 +32,7 @@ from emotion.labels import LABELS
 from emotion.predictor import Predictor
 from emotion.preprocess import normalize
 from jobs import evaluate
-from tests.conftest import require_fer2013, tiny_checkpoint
+from tests.conftest import file_sha256, require_fer2013, tiny_checkpoint
 from tests.images import jpeg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,8 +228,7 @@ class TestEvaluation:
         assert ck["confusion_matrix"]["normalized"][LABELS.index("neutral")] is None
         assert ck["per_class"]["neutral"]["support"] == 0 and ck["per_class"]["neutral"]["recall"] is None
         assert ck["labels"] == list(LABELS)
-        model_file = Path(report["model"]["uri"]).read_bytes()
-        assert report["model"]["sha256"] == hashlib.sha256(model_file).hexdigest()
+        assert report["model"]["sha256"] == file_sha256(report["model"]["uri"])
         for result in (ck, fer):
             eff = result["efficiency"]
             assert eff["images"] == result["n_images"] and eff["seconds"] > 0

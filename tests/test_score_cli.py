@@ -9,10 +9,10 @@ from dataclasses import asdict
 import pytest
 
 from emotion.checkpoint import save_checkpoint
-from emotion.uris import absolute_uri, sha256_of
+from emotion.uris import absolute_uri
 from jobs.output import RUN_RECORD, run_record
 from jobs.pipeline import face_settings
-from tests.conftest import tiny_checkpoint
+from tests.conftest import file_sha256, tiny_checkpoint
 from tests.images import jpeg
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ def test_partial_run_of_another_backend_is_not_resumed(tmp_path, faces, tiny_che
     out = tmp_path / "out"
     out.mkdir()
     model = absolute_uri(str(tiny_checkpoint_path))
-    record = run_record(absolute_uri(str(faces)), model, sha256_of(model), None, "auto") | {
+    record = run_record(absolute_uri(str(faces)), model, file_sha256(model), None, "auto") | {
         "faces": {"mode": "auto", "config": asdict(face_settings(None))}, "backend": "torch"}
     (out / RUN_RECORD).write_text(json.dumps(record))
     result = score("--input", str(faces), "--output", str(out), "--model", str(tiny_checkpoint_path),

@@ -1,6 +1,5 @@
 """The scoring job end to end, driven as users drive it: `ray job submit` to a local head."""
 
-import hashlib
 import json
 
 import pandas as pd
@@ -9,7 +8,7 @@ import s3fs
 
 from emotion.checkpoint import save_checkpoint
 from emotion.labels import LABELS
-from tests.conftest import tiny_checkpoint
+from tests.conftest import file_sha256, tiny_checkpoint
 from tests.images import bad_input_corpus, jpeg
 
 pytestmark = pytest.mark.slow
@@ -66,7 +65,7 @@ def test_bad_input_corpus_through_job_submit(ray_cluster, tmp_path, model_path):
     assert manifest["files"] == {"total": 16, "with_faces": 11, "no_face": 0, "error": 5}
     assert manifest["faces"]["mode"] == "whole"
     assert manifest["model"]["name"] == "tiny"
-    assert manifest["model"]["sha256"] == hashlib.sha256(model_path.read_bytes()).hexdigest()
+    assert manifest["model"]["sha256"] == file_sha256(model_path)
     record = json.loads((out / "_run.json").read_text())
     assert record["precision"] in ("bf16", "fp32"), "auto is settled once, for every actor"
     assert not (out / "_checkpoint").exists()

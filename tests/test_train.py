@@ -16,8 +16,8 @@ from PIL import Image
 from emotion.checkpoint import load_checkpoint
 from emotion.labels import LABELS
 from emotion.predictor import Predictor
-from emotion.training.augment import augment_faces
-from emotion.training.config import TrainConfig, recipe_changes
+from emotion.training.augment import augment_faces, augmentation_settings
+from emotion.training.config import EARLIER_AUGMENTATION, TrainConfig, recipe_changes
 from emotion.training.data import class_weights, split_data
 from emotion.training.loop import CSV_COLUMNS, recorded_recipe, write_metrics_csv
 from jobs.conf import read_defaults
@@ -117,8 +117,9 @@ def test_recipe_fields_take_the_yaml_defaults_through_their_flags(tmp_path):
     recipe = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     defaults = read_defaults("train")
     assert recipe["lr"] == 0.1
-    given = {"train", "output", "lr"}
+    given = {"train", "output", "lr", "augmentation"}
     assert all(recipe[key] == value for key, value in defaults.items() if key in recipe and key not in given)
+    assert recipe["augmentation"] == augmentation_settings(defaults["augmentation"])
     assert args.resume is False and args.epochs_this_run is None
 
 
@@ -154,9 +155,30 @@ def test_a_run_recorded_before_a_recipe_key_existed_resumes_as_what_it_did(tmp_p
     assert recipe_changes(recorded, recipe(tmp_path, "--lr", "0.1")) == ["lr"]
 
 
+def test_the_recipe_records_every_augmentation_keyword(tmp_path):
+    (tmp_path / "train").mkdir()
+    cfg = recipe(tmp_path, "--augmentation", '{"padding_mode": "reflection"}')
+    assert cfg.augmentation == EARLIER_AUGMENTATION | {
+        "scale_range": [0.8, 1.2], "photometric_fraction": 0.0, "blur_fraction": 0.0, "noise_fraction": 0.0,
+        "padding_mode": "reflection"}
+
+
+def test_a_run_recorded_with_only_the_augmentation_keywords_given_resumes_as_what_it_did(tmp_path):
+    """Before recipes held every keyword, a left-out one meant augment_faces' default of the time."""
+    (tmp_path / "train").mkdir()
+    plain = {"scale_range": [0.8, 1.2], "photometric_fraction": 0, "blur_fraction": 0, "noise_fraction": 0}
+    cfg = recipe(tmp_path, "--augmentation", json.dumps(plain))
+    assert recipe_changes(asdict(cfg) | {"augmentation": plain}, cfg) == []
+    assert recipe_changes(asdict(cfg) | {"augmentation": {}}, cfg) == ["augmentation"]
+    earlier = {"scale_range": [0.92, 1.08], "photometric_fraction": 0.5, "blur_fraction": 0.05, "noise_fraction": 0.2}
+    spelled_out = recipe(tmp_path, "--augmentation", json.dumps(earlier))
+    assert recipe_changes(asdict(spelled_out) | {"augmentation": {}}, spelled_out) == []
+
+
 @pytest.mark.parametrize(("setting", "reason"), [
     ('{"padding_mode": "mirror"}', "expected padding_mode to be 'zeros', 'border', or 'reflection'"),
-    ('{"scale_rang": [0.8, 1.2]}', "unexpected keyword argument 'scale_rang'"),
+    ('{"scale_rang": [0.8, 1.2]}', "unknown key 'scale_rang' (known: max_shift_px, warp_fraction,"),
+    ('[0.8, 1.2]', "expected a JSON object of augment_faces keywords, not [0.8, 1.2]"),
 ])
 def test_a_bad_augmentation_is_refused_before_any_work(tmp_path, capsys, setting, reason):
     with pytest.raises(SystemExit) as exit_info:
@@ -198,16 +220,18 @@ def test_augmentation_keeps_shape_and_varies_per_image():
     assert (out - x).abs().mean() > 0.05
 
 
-def test_by_default_about_30_percent_of_faces_are_warped_and_none_recoloured():
-    """Every default face that is not warped equals its input shifted and perhaps mirrored."""
+@pytest.mark.parametrize(("warp_fraction", "low", "high"), [(None, 0.6, 0.8), (0.0, 1.0, 1.0)])
+def test_by_default_30_percent_of_faces_are_warped_and_none_recoloured(warp_fraction, low, high):
+    """A default face that is not warped equals its input shifted and perhaps mirrored, exactly."""
     x = torch.randn(200, 1, 48, 48)
-    out = augment_faces(x, torch.Generator().manual_seed(0))
+    settings = {} if warp_fraction is None else {"warp_fraction": warp_fraction}
+    out = augment_faces(x, torch.Generator().manual_seed(0), **settings)
     exact = sum(
         any(torch.allclose(torch.roll(source, (dy, dx), (0, 1))[8:40, 8:40], augmented[8:40, 8:40], atol=1e-5)
             for source in (image, image.flip(-1)) for dy in range(-4, 5) for dx in range(-4, 5))
         for image, augmented in zip(x[:, 0], out[:, 0], strict=True)
     )
-    assert 0.6 < exact / len(x) < 0.8
+    assert low <= exact / len(x) <= high
 
 
 def test_unwarped_faces_are_shifted_and_mirrored_without_resampling():

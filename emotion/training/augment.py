@@ -4,12 +4,12 @@ Only changes that keep the expression: mirroring and whole-pixel shifts for ever
 rotation and a scale of up to 20% either way for a minority, and, when asked, mild photometric
 changes, blur and noise. Most images are never resampled: bilinear resampling of every 48x48
 training face blurs it, so the network would learn on softer faces than it is evaluated on.
-The defaults are the recipe measured best at 30 epochs: the scale jitter makes a crop framed 20%
-tighter or looser cost less at no cost in accuracy, while the photometric changes, blur and noise
-left the network under-fitting at that length (figures in the model card).
+The defaults are the recipe of `conf/train.yaml`; docs/model-card.md has the runs behind it.
 """
 
+import inspect
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -79,3 +79,21 @@ def augment_faces(
 
     noise = torch.randn(out.shape, generator=generator).to(device)
     return out + noise * torch.where(chance(noise_fraction), uniform(0, 0.05), 0.0).view(n, 1, 1, 1)
+
+
+def augmentation_settings(given: dict[str, Any]) -> dict[str, Any]:
+    """Every keyword of `augment_faces`: the given ones over its defaults.
+
+    A recipe records all of them, so a later change of a default cannot change what a recorded
+    run did, and `--resume` compares the augmentation itself rather than how it was spelled.
+    """
+    if not isinstance(given, dict):
+        raise ValueError(f"expected a JSON object of augment_faces keywords, not {given!r}")
+    defaults = {
+        name: list(parameter.default) if isinstance(parameter.default, tuple) else parameter.default
+        for name, parameter in inspect.signature(augment_faces).parameters.items()
+        if parameter.default is not inspect.Parameter.empty and name != "generator"
+    }
+    if unknown := sorted(set(given) - set(defaults)):
+        raise ValueError(f"unknown key {unknown[0]!r} (known: {', '.join(defaults)})")
+    return defaults | given

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from emotion.checkpoint import Checkpoint, load_checkpoint_and_digest
+from emotion.checkpoint import Checkpoint, load_checkpoint_file
 from emotion.labels import LABELS
 
 KEYS = ("teacher", "weight", "temperature")
@@ -63,7 +63,7 @@ def _number(value: Any) -> bool:
 def load_teacher(setting: Distillation) -> tuple[Checkpoint, str]:
     """The teacher's checkpoint and the sha256 of the bytes it was loaded from, refused when they
     are not the file the setting records."""
-    checkpoint, digest = load_checkpoint_and_digest(setting.teacher)
+    checkpoint, digest, _ = load_checkpoint_file(setting.teacher)
     if setting.sha256 is not None and digest != setting.sha256.lower():
         raise ValueError(f"{setting.teacher} is not the teacher this run was given: its sha256 is "
                          f"{digest[:12]}, not {setting.sha256[:12]}")

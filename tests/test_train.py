@@ -10,16 +10,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray.train
 import torch
 from PIL import Image
 
 from emotion.checkpoint import load_checkpoint
 from emotion.labels import LABELS
+from emotion.models import build_model
 from emotion.predictor import Predictor
 from emotion.training.augment import augment_faces, augmentation_settings
 from emotion.training.config import EARLIER_AUGMENTATION, TrainConfig, recipe_changes
 from emotion.training.data import class_weights, split_data
-from emotion.training.loop import CSV_COLUMNS, recorded_recipe, write_metrics_csv
+from emotion.training.loop import CHECKPOINT_FILE, CSV_COLUMNS, STATE_FILE, _restore, recorded_recipe, write_metrics_csv
 from jobs.conf import read_defaults
 from jobs.train import metrics_csv_uri, parse_args
 from tests.images import labelled_faces
@@ -153,6 +155,40 @@ def test_a_run_recorded_before_a_recipe_key_existed_resumes_as_what_it_did(tmp_p
     assert recipe_changes(recorded, cfg) == []
     assert recipe_changes(recorded, recipe(tmp_path, "--keep-validation-copies")) == ["keep_validation_copies"]
     assert recipe_changes(recorded, recipe(tmp_path, "--lr", "0.1")) == ["lr"]
+
+
+@pytest.mark.parametrize("recorded_lr", [None, 0.1])
+def test_a_worker_resumes_only_a_checkpoint_recorded_under_its_recipe(tmp_path, monkeypatch, recorded_lr):
+    """The driver's check read the run's latest checkpoint earlier; the worker checks what it loads."""
+    (tmp_path / "train").mkdir()
+    cfg = recipe(tmp_path)
+
+    def training_objects():
+        model = build_model(cfg.arch, len(LABELS), cfg.channels, **cfg.arch_kwargs)
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=10)
+        return model, optimizer, scheduler, torch.Generator().manual_seed(7)
+
+    model, optimizer, scheduler, generator = training_objects()
+    (tmp_path / "snapshot").mkdir()
+    torch.save({
+        "recipe": asdict(cfg) | ({"lr": recorded_lr} if recorded_lr else {}),
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+        "epoch": 3, "best_f1": 0.4, "stale": 1, "history": [{"epoch": 3}], "mlflow_run_id": None,
+    }, tmp_path / "snapshot" / STATE_FILE)
+    (tmp_path / "snapshot" / CHECKPOINT_FILE).write_bytes(b"best so far")
+    monkeypatch.setattr(ray.train, "get_checkpoint",
+                        lambda: ray.train.Checkpoint.from_directory(str(tmp_path / "snapshot")))
+    fresh = training_objects()
+    if recorded_lr:
+        with pytest.raises(ValueError, match="recorded under another recipe: lr changed"):
+            _restore(cfg, *fresh)
+        return
+    progress = _restore(cfg, *fresh)
+    assert (progress.epoch, progress.best_f1, progress.stale, progress.best_model) == (3, 0.4, 1, b"best so far")
+    restored = fresh[0].state_dict().values()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), restored, strict=True))
 
 
 def test_the_recipe_records_every_augmentation_keyword(tmp_path):

@@ -32,7 +32,7 @@ from emotion.precision import autocast, resolve_precision
 from emotion.preprocess import normalize
 from emotion.training import tracking
 from emotion.training.augment import augment_faces
-from emotion.training.config import RunOptions, TrainConfig
+from emotion.training.config import RunOptions, TrainConfig, recipe_changes
 from emotion.training.data import class_weights, split_data
 from emotion.training.distill import Distillation, Teacher, load_teacher
 from emotion.uris import portable_name
@@ -121,12 +121,14 @@ def recorded_recipe(run_uri: str) -> dict[str, Any] | None:
 
 
 def _restore(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator,
 ) -> Progress:
     """Load the latest Ray Train checkpoint of this run into the objects given, if there is one.
 
-    The recipe was checked against the stored one before the run started (`recorded_recipe`).
+    The driver refused a changed recipe before the run started (`recorded_recipe`), but from the
+    checkpoint it read then: the recipe is checked again in the state actually loaded, so that a
+    checkpoint written in between by another run of the same name is never continued under `cfg`.
     """
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
@@ -134,6 +136,9 @@ def _restore(
     with checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
         best_model = (Path(folder) / CHECKPOINT_FILE).read_bytes()
+    changed = recipe_changes(state["recipe"], cfg)
+    if changed:
+        raise ValueError(f"the checkpoint to resume was recorded under another recipe: {', '.join(changed)} changed")
     net = model.module if hasattr(model, "module") else model
     net.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -190,7 +195,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps, pct_start=cfg.warmup_fraction
     )
     generator = torch.Generator().manual_seed(cfg.seed + rank)
-    progress = _restore(model, optimizer, scheduler, generator)
+    progress = _restore(cfg, model, optimizer, scheduler, generator)
     if rank == 0:
         log.info(
             "training %s on %d images (%d validation), %d worker(s), %s, %s",

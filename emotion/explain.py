@@ -87,12 +87,22 @@ class Explainer:
         if classes is None:
             with torch.inference_mode():
                 classes = self.model(batch).argmax(dim=1).tolist()
-        maps = np.mean([
+        maps = np.stack([
             grad_cam(part, layer, batch.clone().requires_grad_(), list(classes), layer_input)
             for part, (layer, layer_input) in zip(self.parts, self.layers, strict=True)
-        ], axis=0)
+        ])
+        # A cascade (`Ensemble.cascade_margin`) weighed the first member alone where it was sure.
+        maps = np.where(self._escalated(batch)[:, None, None], maps.mean(axis=0), maps[0])
         peak = np.maximum(maps.max(axis=(1, 2), keepdims=True), 1e-12)
         return [Explanation(m, c) for m, c in zip(maps / peak, classes, strict=True)]
+
+
+    @torch.inference_mode()
+    def _escalated(self, batch: torch.Tensor) -> np.ndarray:
+        """Which faces every member weighed: all of them, unless a cascade let the first decide."""
+        if not isinstance(self.model, Ensemble):
+            return np.ones(len(batch), dtype=bool)
+        return self.model.escalated(torch.log_softmax(self.parts[0](batch), dim=1)).numpy()
 
 
 def overlay(face: np.ndarray, heatmap: np.ndarray, side: int = 192, alpha: float = 0.45) -> Image.Image:

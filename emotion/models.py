@@ -99,16 +99,47 @@ class Ensemble(nn.Module):
     of their probabilities, up to a constant), so members whose logits run on different scales
     weigh alike and the result is still logits for the softmax, mirroring and temperature after
     it. Members are trained apart (`jobs.train`) and joined by `jobs.ensemble`.
+
+    With `cascade_margin`, the first member answers alone for a face whose top two probabilities
+    it puts at least that far apart, and only the other faces go through every member: the
+    ensemble's gain lies where a single network is unsure, so most of it comes at a fraction of
+    the ensemble's cost (figures in docs/model-card.md).
     """
 
-    def __init__(self, members: list[nn.Module]) -> None:
+    def __init__(self, members: list[nn.Module], cascade_margin: float | None = None) -> None:
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member")
+        if cascade_margin is not None and not 0 < cascade_margin <= 1:
+            raise ValueError(f"cascade_margin must be in (0, 1], not {cascade_margin}")
         self.members = nn.ModuleList(members)
+        self.cascade_margin = cascade_margin
+
+    def escalated(self, first: torch.Tensor) -> torch.Tensor:
+        """Which faces go through every member, from the first member's log-probabilities."""
+        if self.cascade_margin is None:
+            return torch.ones_like(first[:, 0], dtype=torch.bool)
+        top2 = first.exp().topk(2, dim=1).values
+        return top2[:, 0] - top2[:, 1] < self.cascade_margin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([torch.log_softmax(member(x), dim=1) for member in self.members]).mean(dim=0)
+        first = torch.log_softmax(self.members[0](x), dim=1)
+        if self.cascade_margin is None:
+            return self._mean(first, x)
+        escalated = self.escalated(first)
+        if torch.compiler.is_exporting():
+            # An exported graph is one for every input: it runs every member on every face and
+            # picks per face, giving the cascade's answers at the whole ensemble's cost.
+            return torch.where(escalated[:, None], self._mean(first, x), first)
+        rows = torch.nonzero(escalated).squeeze(1)
+        out = first.clone()
+        if len(rows):
+            out[rows] = self._mean(first[rows], x[rows]).to(out.dtype)
+        return out
+
+    def _mean(self, first: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        rest = [torch.log_softmax(member(x), dim=1) for member in self.members[1:]]
+        return torch.stack([first, *rest]).mean(dim=0)
 
 
 def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
@@ -149,9 +180,9 @@ def build_model(arch: str, num_classes: int, in_channels: int, **kwargs: Any) ->
 
     `kwargs` go to the architecture's constructor (for example `image_size` for vit_b_16, or
     `widths` for emotion_cnn) and are stored in the checkpoint so loading rebuilds the same graph.
-    `ensemble` takes `members`, a list of {"arch", "arch_kwargs"}: it is built here so that an
-    ensemble loads like any checkpoint, but it is never trained as one (hence not listed in
-    `available_architectures`).
+    `ensemble` takes `members`, a list of {"arch", "arch_kwargs"}, and optionally `cascade_margin`
+    (see `Ensemble`): it is built here so that an ensemble loads like any checkpoint, but it is
+    never trained as one (hence not listed in `available_architectures`).
     """
     if arch == COMPACT_ARCHITECTURE:
         return EmotionCNN(num_classes=num_classes, in_channels=in_channels, **kwargs)
@@ -159,7 +190,7 @@ def build_model(arch: str, num_classes: int, in_channels: int, **kwargs: Any) ->
         return Ensemble([
             build_model(member["arch"], num_classes, in_channels, **member.get("arch_kwargs", {}))
             for member in kwargs["members"]
-        ])
+        ], kwargs.get("cascade_margin"))
     models = _torchvision_models()
     if arch not in models.list_models(module=models):
         raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(available_architectures())}")

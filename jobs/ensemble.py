@@ -32,22 +32,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="ensemble checkpoint to write, local or s3://")
     parser.add_argument("--name", help="the ensemble's model name")
     parser.add_argument("--validation", help="labelled folder to fit the temperature on and report accuracy")
+    parser.add_argument("--cascade-margin", type=float,
+                        help="the first member answers alone for faces whose top two probabilities it puts at least "
+                             "this far apart (0-1); the others go through every member")
     apply_defaults(parser, "ensemble")
     return parser
 
 
-def join(members: list[Checkpoint], name: str | None = None) -> Checkpoint:
-    """One checkpoint holding every member's network and a record of each member."""
+def join(members: list[Checkpoint], name: str | None = None, cascade_margin: float | None = None) -> Checkpoint:
+    """One checkpoint holding every member's network and a record of each member; with
+    `cascade_margin`, a cascade that asks the other members only where the first is unsure."""
     for field in SHARED:
         values = {str(getattr(m, field)) for m in members}
         if len(values) > 1:
             raise UsageError(f"members differ in {field}: {' vs '.join(sorted(values))}")
     first = members[0]
-    network = Ensemble([m.build() for m in members]).eval()
+    network = Ensemble([m.build() for m in members], cascade_margin).eval()
     return new_checkpoint(
         network,
         arch=ENSEMBLE_ARCHITECTURE,
-        arch_kwargs={"members": [{"arch": m.arch, "arch_kwargs": m.arch_kwargs} for m in members]},
+        arch_kwargs={
+            "members": [{"arch": m.arch, "arch_kwargs": m.arch_kwargs} for m in members],
+            **({"cascade_margin": cascade_margin} if cascade_margin is not None else {}),
+        },
         labels=first.labels,
         input_size=first.input_size,
         channels=first.channels,
@@ -66,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if absolute_uri(args.output) in {absolute_uri(m) for m in args.models}:
             raise UsageError("--output must differ from every --models file: members are never overwritten")
+        if args.cascade_margin is not None and not 0 < args.cascade_margin <= 1:
+            raise UsageError(f"--cascade-margin must be in (0, 1], not {args.cascade_margin}")
         members = [load_checkpoint(uri) for uri in args.models]
-        ensemble = join(members, args.name)
+        ensemble = join(members, args.name, args.cascade_margin)
         faces = None
         if args.validation:
             faces = load_arrays(args.validation, ensemble.input_size, ensemble.channels)

@@ -44,6 +44,17 @@ def tiny_checkpoint(seed: int = 0, name: str = "tiny", **fields: object):
     return new_checkpoint(model.eval(), **values)
 
 
+def splitting_margin(checkpoint, x: torch.Tensor) -> float:
+    """A cascade margin that splits `x` (normalised faces) in half: the first member, `checkpoint`,
+    answers alone for one half and every member weighs the other. Halfway between the middle two
+    top-1 minus top-2 gaps, so rounding never moves a face across it."""
+    with torch.inference_mode():
+        top2 = torch.softmax(checkpoint.build()(x), dim=1).topk(2, dim=1).values
+    gaps = (top2[:, 0] - top2[:, 1]).sort().values
+    middle = len(gaps) // 2
+    return float(gaps[middle - 1] + gaps[middle]) / 2
+
+
 @pytest.fixture
 def tiny_checkpoint_path(tmp_path) -> Path:
     path = tmp_path / "tiny.pt"

@@ -15,8 +15,8 @@ from emotion.labels import LABELS
 from emotion.portable import export_bytes, max_difference
 from emotion.predictor import Predictor
 from jobs.common import UsageError
-from jobs.ensemble import join
-from tests.conftest import tiny_checkpoint
+from jobs.ensemble import join, main
+from tests.conftest import splitting_margin, tiny_checkpoint
 from tests.images import labelled_faces
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +42,46 @@ def test_the_ensemble_file_loads_predicts_and_exports_like_any_model(tmp_path):
     probs = Predictor(loaded, device="cpu", precision="fp32").predict_pixels(pixels)
     assert probs.shape == (9, 7) and np.allclose(probs.sum(1), 1, atol=1e-5)
     assert max_difference(loaded, export_bytes(loaded), batch=8) < 1e-4
+
+
+def test_a_cascade_asks_the_other_members_only_where_the_first_is_unsure():
+    members = [tiny_checkpoint(seed=s) for s in range(3)]
+    x = torch.randn(40, 1, 48, 48)
+    margin = splitting_margin(members[0], x)
+    cascade = join(members, cascade_margin=margin).build()
+    seen = []
+    cascade.members[1].register_forward_hook(lambda module, inputs, output: seen.append(len(inputs[0])))
+    with torch.inference_mode():
+        got = cascade(x)
+        first = torch.log_softmax(members[0].build()(x), dim=1)
+        everyone = torch.stack([torch.log_softmax(m.build()(x), dim=1) for m in members]).mean(0)
+    top2 = first.exp().topk(2, dim=1).values
+    unsure = top2[:, 0] - top2[:, 1] < margin
+    assert seen == [int(unsure.sum())] and 0 < seen[0] < len(x)
+    assert torch.allclose(got[unsure], everyone[unsure], atol=1e-6)
+    assert torch.allclose(got[~unsure], first[~unsure], atol=1e-6)
+    assert not torch.allclose(got[~unsure], everyone[~unsure], atol=1e-3)
+
+
+def test_a_cascade_exports_to_a_graph_with_its_answers():
+    """The graph runs every member on every face and picks per face (`max_difference`'s inputs)."""
+    members = [tiny_checkpoint(seed=s) for s in range(2)]
+    x = torch.from_numpy(np.random.default_rng(0).normal(0, 1, (64, 1, 48, 48)).astype(np.float32))
+    cascade = join(members, cascade_margin=splitting_margin(members[0], x))
+    assert max_difference(cascade, export_bytes(cascade), batch=64) < 1e-4
+
+
+def test_jobs_ensemble_stores_the_cascade_margin_and_refuses_one_outside_0_1(tmp_path, capsys):
+    paths = []
+    for seed in range(2):
+        paths.append(str(tmp_path / f"m{seed}.pt"))
+        save_checkpoint(tiny_checkpoint(seed=seed), paths[-1])
+    output = str(tmp_path / "cascade.pt")
+    assert main(["--models", *paths, "--output", output, "--cascade-margin", "1.5"]) == 2
+    assert "--cascade-margin must be in (0, 1], not 1.5" in capsys.readouterr().err
+    assert not Path(output).exists()
+    assert main(["--models", *paths, "--output", output, "--cascade-margin", "0.3"]) == 0
+    assert load_checkpoint(output).build().cascade_margin == 0.3
 
 
 @pytest.mark.parametrize("field", ["mean", "input_size", "labels"])

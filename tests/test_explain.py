@@ -10,7 +10,8 @@ from emotion.checkpoint import load_checkpoint, new_checkpoint
 from emotion.explain import Explainer, grad_cam, overlay, target_layer
 from emotion.labels import LABELS
 from emotion.models import build_model
-from tests.conftest import tiny_checkpoint
+from emotion.preprocess import normalize
+from tests.conftest import splitting_margin, tiny_checkpoint
 
 
 class BrightAndDark(nn.Module):
@@ -118,3 +119,24 @@ def test_an_ensemble_is_explained_by_each_member_at_its_own_layer():
     faces = np.random.default_rng(2).integers(0, 256, (2, 48, 48, 1), dtype=np.uint8)
     explained = explainer.explain(faces, classes=[3, 3])
     assert all(e.heatmap.shape == (48, 48) and e.heatmap.max() == pytest.approx(1.0) for e in explained)
+
+
+def test_a_cascade_explains_each_face_by_the_members_that_weighed_it():
+    from jobs.ensemble import join
+
+    members = [tiny_checkpoint(seed=0), tiny_checkpoint(seed=1)]
+    faces = np.random.default_rng(3).integers(0, 256, (8, 48, 48, 1), dtype=np.uint8)
+    batch = torch.from_numpy(normalize(faces, members[0].mean, members[0].std))
+    margin = splitting_margin(members[0], batch)
+    with torch.inference_mode():
+        top2 = torch.softmax(members[0].build()(batch), dim=1).topk(2, dim=1).values
+    unsure = (top2[:, 0] - top2[:, 1] < margin).numpy()
+    classes = [3] * len(faces)
+    got = Explainer(join(members, cascade_margin=margin)).explain(faces, classes)
+    alone = Explainer(members[0]).explain(faces, classes)
+    together = Explainer(join(members)).explain(faces, classes)
+    assert 0 < unsure.sum() < len(faces)
+    for face, explained in enumerate(got):
+        expected = (together if unsure[face] else alone)[face]
+        assert np.allclose(explained.heatmap, expected.heatmap, atol=1e-5)
+    assert not all(np.allclose(a.heatmap, b.heatmap, atol=1e-3) for a, b in zip(alone, together, strict=True))

@@ -13,6 +13,7 @@ from torch import nn
 
 from emotion.checkpoint import Checkpoint, load_checkpoint
 from emotion.flip import FLIP_MARGIN, flip_averaged_logits
+from emotion.models import Ensemble
 from emotion.portable import OnnxNetwork, export_bytes
 from emotion.precision import resolve_precision
 from emotion.preprocess import DEFAULT_MAX_PIXELS, Decoded, decode_image, normalize
@@ -208,7 +209,14 @@ def _inference_network(model: nn.Module, device: torch.device, dtype: torch.dtyp
     Folding needs a torch.fx trace; a network fx cannot trace (data-dependent control flow) runs
     unfolded, which is slower but gives the same probabilities.
     """
-    model = model.eval()
+    return _folded(model.eval()).to(device=device, dtype=dtype, memory_format=torch.channels_last)
+
+
+def _folded(model: nn.Module) -> nn.Module:
+    if isinstance(model, Ensemble):
+        # Member by member: a cascade's choice of faces is control flow that fx cannot trace.
+        model.members = nn.ModuleList(_folded(member) for member in model.members)
+        return model
     with contextlib.suppress(torch.fx.proxy.TraceError):
-        model = fx_optimization.fuse(model)
-    return model.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+        return fx_optimization.fuse(model)
+    return model

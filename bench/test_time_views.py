@@ -10,6 +10,7 @@ accuracy, macro-F1 and the forward passes per face, so a view set's gain is read
 
 import argparse
 import io
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ def shifted(face: Image.Image, dx: int, dy: int) -> Image.Image:
 
 
 def views(face: Image.Image) -> dict[str, Image.Image]:
+    """Every view of `face` that `VIEW_SETS` draws on, by name."""
     return {
         "centre": face, "scale 0.9": reframe(face, 0.9), "scale 1.1": reframe(face, 1.1),
         "left": shifted(face, -SHIFT, 0), "right": shifted(face, SHIFT, 0),
@@ -60,7 +62,8 @@ def main() -> None:
     print(f"{len(faces)} faces from {args.validation}")
     for model in args.model:
         plain = Predictor(model, precision="fp32", flip_margin=0.0)
-        mirrored = Predictor(plain.checkpoint, precision="fp32", flip_margin=1.0)
+        # Mirrored views are measured whether or not the checkpoint mirrors when it predicts.
+        mirrored = Predictor(replace(plain.checkpoint, test_time_flip=True), precision="fp32", flip_margin=1.0)
         truth = np.array([plain.labels.index(label) for label in images.labels])
         logits = {}
         for predictor in (plain, mirrored):

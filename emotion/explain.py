@@ -76,7 +76,7 @@ class Explainer:
             if isinstance(module, nn.ReLU):
                 module.inplace = False
         # An ensemble is explained member by member, each at its own target layer, and the maps
-        # averaged: the evidence the whole ensemble weighed.
+        # of the members that weighed a face averaged: every member, or a sure cascade's first.
         self.parts = list(self.model.members) if isinstance(self.model, Ensemble) else [self.model]
         self.layers = [target_layer(part) for part in self.parts]
 
@@ -95,7 +95,6 @@ class Explainer:
         maps = np.where(self._escalated(batch)[:, None, None], maps.mean(axis=0), maps[0])
         peak = np.maximum(maps.max(axis=(1, 2), keepdims=True), 1e-12)
         return [Explanation(m, c) for m, c in zip(maps / peak, classes, strict=True)]
-
 
     @torch.inference_mode()
     def _escalated(self, batch: torch.Tensor) -> np.ndarray:

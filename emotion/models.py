@@ -102,7 +102,7 @@ class Ensemble(nn.Module):
 
     With `cascade_margin`, the first member answers alone for a face whose top two probabilities
     it puts at least that far apart, and only the other faces go through every member: the
-    ensemble's gain lies where a single network is unsure, so most of it comes at a fraction of
+    ensemble's gain lies where a single network is unsure, so part of it comes at a fraction of
     the ensemble's cost (figures in docs/model-card.md).
     """
 
@@ -112,14 +112,18 @@ class Ensemble(nn.Module):
             raise ValueError("an ensemble needs at least one member")
         if cascade_margin is not None and not 0 < cascade_margin <= 1:
             raise ValueError(f"cascade_margin must be in (0, 1], not {cascade_margin}")
+        if cascade_margin is not None and len(members) < 2:
+            raise ValueError("a cascade needs at least two members")
         self.members = nn.ModuleList(members)
         self.cascade_margin = cascade_margin
 
     def escalated(self, first: torch.Tensor) -> torch.Tensor:
-        """Which faces go through every member, from the first member's log-probabilities."""
+        """Which faces go through every member, from the first member's log-probabilities; in
+        float32 whatever the network's precision, so that a face is routed alike in bfloat16,
+        float32 and ONNX Runtime."""
         if self.cascade_margin is None:
             return torch.ones_like(first[:, 0], dtype=torch.bool)
-        top2 = first.exp().topk(2, dim=1).values
+        top2 = first.float().exp().topk(2, dim=1).values
         return top2[:, 0] - top2[:, 1] < self.cascade_margin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

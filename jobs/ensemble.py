@@ -47,6 +47,7 @@ def join(members: list[Checkpoint], name: str | None = None, cascade_margin: flo
         if len(values) > 1:
             raise UsageError(f"members differ in {field}: {' vs '.join(sorted(values))}")
     first = members[0]
+    cascade = f"-cascade{cascade_margin}" if cascade_margin is not None else ""
     network = Ensemble([m.build() for m in members], cascade_margin).eval()
     return new_checkpoint(
         network,
@@ -60,7 +61,7 @@ def join(members: list[Checkpoint], name: str | None = None, cascade_margin: flo
         channels=first.channels,
         mean=first.mean,
         std=first.std,
-        name=name or "+".join(m.name or m.arch for m in members),
+        name=name or "+".join(m.name or m.arch for m in members) + cascade,
         trained_on="; ".join(f"{m.name or m.arch}: {m.trained_on}" for m in members),
         recipe={"members": [m.recipe for m in members]},
         metrics={"members": [m.metrics.get("validation", {}) for m in members]},

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from emotion.checkpoint import new_checkpoint, save_checkpoint
+from emotion.checkpoint import Checkpoint, new_checkpoint, save_checkpoint
 from emotion.labels import LABELS
 from emotion.models import build_model
 
@@ -44,7 +44,7 @@ def tiny_checkpoint(seed: int = 0, name: str = "tiny", **fields: object):
     return new_checkpoint(model.eval(), **values)
 
 
-def splitting_margin(checkpoint, x: torch.Tensor) -> float:
+def splitting_margin(checkpoint: Checkpoint, x: torch.Tensor) -> float:
     """A cascade margin that splits `x` (normalised faces) in half: the first member, `checkpoint`,
     answers alone for one half and every member weighs the other. Halfway between the middle two
     top-1 minus top-2 gaps, so rounding never moves a face across it."""

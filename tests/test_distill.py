@@ -17,7 +17,7 @@ from emotion.predictor import Predictor
 from emotion.preprocess import normalize
 from emotion.training.distill import Distillation, Teacher, distillation_loss, load_teacher
 from jobs.train import parse_args
-from tests.conftest import file_sha256, tiny_checkpoint
+from tests.conftest import file_sha256, splitting_margin, tiny_checkpoint
 from tests.services import ROOT
 from tests.test_score_faces import always
 from tests.test_train import synthetic_faces
@@ -54,6 +54,21 @@ def test_the_teacher_sees_each_face_at_its_own_normalisation():
     own = checkpoint.build().eval()(torch.from_numpy(normalize(pixels, checkpoint.mean, checkpoint.std)))
     assert torch.allclose(got, own.detach(), atol=1e-4)
     assert not any(p.requires_grad for p in teacher.network.parameters())
+
+
+def test_a_cascade_teaches_with_every_member_on_every_face():
+    """A cascade saves time in serving; as a teacher every face learns from the whole ensemble."""
+    from jobs.ensemble import join
+
+    members = [tiny_checkpoint(seed=s) for s in range(2)]
+    x = torch.from_numpy(normalize(np.random.default_rng(0).integers(0, 256, (16, 48, 48, 1), dtype=np.uint8),
+                                   members[0].mean, members[0].std))
+    cascade = join(members, cascade_margin=splitting_margin(members[0], x))
+    teacher = Teacher(SETTING, cascade, torch.device("cpu"), members[0].mean, members[0].std, 48)
+    with torch.inference_mode():
+        whole, cascaded = join(members).build().eval()(x), cascade.build().eval()(x)
+    assert torch.allclose(teacher.logits(x), whole, atol=1e-5)
+    assert not torch.allclose(cascaded, whole, atol=1e-3)
 
 
 def test_a_teacher_with_other_labels_or_inputs_is_refused():

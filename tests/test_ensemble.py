@@ -12,8 +12,9 @@ import torch
 
 from emotion.checkpoint import load_checkpoint, save_checkpoint
 from emotion.labels import LABELS
-from emotion.portable import export_bytes, max_difference
+from emotion.portable import export_bytes, max_difference, read_metadata
 from emotion.predictor import Predictor
+from emotion.preprocess import normalize
 from jobs.common import UsageError
 from jobs.ensemble import join, main
 from tests.conftest import splitting_margin, tiny_checkpoint
@@ -67,8 +68,30 @@ def test_a_cascade_exports_to_a_graph_with_its_answers():
     """The graph runs every member on every face and picks per face (`max_difference`'s inputs)."""
     members = [tiny_checkpoint(seed=s) for s in range(2)]
     x = torch.from_numpy(np.random.default_rng(0).normal(0, 1, (64, 1, 48, 48)).astype(np.float32))
+    margin = splitting_margin(members[0], x)
+    cascade = join(members, cascade_margin=margin)
+    graph = export_bytes(cascade)
+    assert max_difference(cascade, graph, batch=64) < 1e-4
+    assert read_metadata(graph)["arch_kwargs"]["cascade_margin"] == margin
+
+
+def test_a_predictor_folds_every_member_of_a_cascade_and_keeps_its_answers():
+    members = [tiny_checkpoint(seed=s) for s in range(2)]
+    pixels = np.random.default_rng(1).integers(0, 256, (32, 48, 48, 1), dtype=np.uint8)
+    x = torch.from_numpy(normalize(pixels, members[0].mean, members[0].std))
     cascade = join(members, cascade_margin=splitting_margin(members[0], x))
-    assert max_difference(cascade, export_bytes(cascade), batch=64) < 1e-4
+    predictor = Predictor(cascade, device="cpu", precision="fp32", flip_margin=0.0)
+    assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in predictor.model.modules())
+    with torch.inference_mode():
+        expected = cascade.build().eval()(x)
+    assert torch.allclose(predictor.predict_logits(pixels), expected, atol=1e-4)
+    in_bf16 = Predictor(cascade, device="cpu", precision="bf16").predict_pixels(pixels)
+    assert in_bf16.shape == (32, 7) and np.allclose(in_bf16.sum(1), 1, atol=1e-2)
+
+
+def test_a_cascade_needs_two_members():
+    with pytest.raises(ValueError, match="a cascade needs at least two members"):
+        join([tiny_checkpoint()], cascade_margin=0.1)
 
 
 def test_jobs_ensemble_stores_the_cascade_margin_and_refuses_one_outside_0_1(tmp_path, capsys):

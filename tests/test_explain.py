@@ -131,7 +131,7 @@ def test_a_cascade_explains_each_face_by_the_members_that_weighed_it():
     with torch.inference_mode():
         top2 = torch.softmax(members[0].build()(batch), dim=1).topk(2, dim=1).values
     unsure = (top2[:, 0] - top2[:, 1] < margin).numpy()
-    classes = [3] * len(faces)
+    classes = [5] * len(faces)
     got = Explainer(join(members, cascade_margin=margin)).explain(faces, classes)
     alone = Explainer(members[0]).explain(faces, classes)
     together = Explainer(join(members)).explain(faces, classes)
@@ -139,4 +139,5 @@ def test_a_cascade_explains_each_face_by_the_members_that_weighed_it():
     for face, explained in enumerate(got):
         expected = (together if unsure[face] else alone)[face]
         assert np.allclose(explained.heatmap, expected.heatmap, atol=1e-5)
-    assert not all(np.allclose(a.heatmap, b.heatmap, atol=1e-3) for a, b in zip(alone, together, strict=True))
+    sure = [face for face in range(len(faces)) if not unsure[face]]
+    assert not all(np.allclose(alone[face].heatmap, together[face].heatmap, atol=1e-3) for face in sure)

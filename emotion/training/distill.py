@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from emotion.checkpoint import Checkpoint, load_checkpoint_file
 from emotion.labels import LABELS
+from emotion.models import Ensemble
 
 KEYS = ("teacher", "weight", "temperature")
 # Recorded by jobs.train when a run starts, or given to insist on one file.
@@ -93,6 +94,10 @@ class Teacher:
         check_teacher(checkpoint, input_size, len(mean))
         self.setting = setting
         self.network = checkpoint.build().eval().to(device, memory_format=torch.channels_last)
+        if isinstance(self.network, Ensemble):
+            # A cascade saves time where answers are served; a teacher's cost is paid once, in
+            # training, and every face learns from every member.
+            self.network.cascade_margin = None
         for parameter in self.network.parameters():
             parameter.requires_grad_(False)
 
@@ -105,7 +110,8 @@ class Teacher:
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The teacher's logits (an ensemble's mean log-probabilities) for a student-normalised batch."""
+        """The teacher's logits (an ensemble's mean log-probabilities, a cascade's over every
+        member on every face) for a student-normalised batch."""
         return self.network(x * self.scale.to(x.dtype) + self.shift.to(x.dtype)).float()
 
     def blend(self, label_loss: torch.Tensor, student: torch.Tensor, taught: torch.Tensor) -> torch.Tensor:

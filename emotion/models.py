@@ -138,7 +138,7 @@ class Ensemble(nn.Module):
         rows = torch.nonzero(escalated).squeeze(1)
         out = first.clone()
         if len(rows):
-            out[rows] = self._mean(first[rows], x[rows]).to(out.dtype)
+            out[rows] = self._mean(first[rows], x[rows])
         return out
 
     def _mean(self, first: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

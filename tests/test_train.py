@@ -288,6 +288,24 @@ def test_unwarped_faces_are_shifted_and_mirrored_without_resampling():
     assert 0.15 < exact / len(x) < 0.5
 
 
+@pytest.mark.parametrize(("erase_fraction", "low", "high"), [(1.0, 1.0, 1.0), (0.5, 0.35, 0.65), (0.0, 0.0, 0.0)])
+def test_erasing_blanks_one_rectangle_in_the_chosen_faces(erase_fraction, low, high):
+    """Inputs above 0 everywhere: the zeros an erased face holds are exactly one filled rectangle."""
+    x = torch.rand(128, 1, 48, 48) + 1
+    plain = {"warp_fraction": 0, "photometric_fraction": 0, "blur_fraction": 0, "noise_fraction": 0}
+    out = augment_faces(x, torch.Generator().manual_seed(0), erase_fraction=erase_fraction, **plain)
+    erased = 0
+    for image in out[:, 0]:
+        rows, cols = torch.nonzero(image == 0, as_tuple=True)
+        if len(rows) == 0:
+            continue
+        erased += 1
+        box = image[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        assert torch.all(box == 0) and (image > 0).sum() == image.numel() - box.numel()
+        assert 0.02 * 48 * 48 - 48 <= box.numel() <= 0.33 * 48 * 48 + 48
+    assert low <= erased / len(x) <= high
+
+
 def test_plain_augmentation_only_shifts_and_mirrors():
     x = torch.randn(64, 1, 48, 48)
     plain = {"warp_fraction": 0, "photometric_fraction": 0, "blur_fraction": 0, "noise_fraction": 0}

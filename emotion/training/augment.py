@@ -2,13 +2,16 @@
 
 Only changes that keep the expression: mirroring and whole-pixel shifts for every image, a small
 rotation and a scale of up to 20% either way for a minority, and, when asked, mild photometric
-changes, blur and noise. Most images are never resampled: bilinear resampling of every 48x48
-training face blurs it, so the network would learn on softer faces than it is evaluated on.
+changes, blur, noise and random erasing (a rectangle blanked, so that the network cannot lean on
+one region of the face: the mouth alone, say, which a hand or a scarf hides in photos). Most
+images are never resampled: bilinear resampling of every 48x48 training face blurs it, so the
+network would learn on softer faces than it is evaluated on.
 The defaults are the recipe of `conf/train.yaml`; docs/model-card.md has the runs behind it.
 """
 
 import inspect
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,13 +28,15 @@ def augment_faces(
     photometric_fraction: float = 0.0,
     blur_fraction: float = 0.0,
     noise_fraction: float = 0.0,
+    erase_fraction: float = 0.0,
     padding_mode: str = "border",
 ) -> torch.Tensor:
     """Randomly transform a normalised N x C x H x W batch, each image independently.
 
     Every image is mirrored at random and shifted by whole pixels; `warp_fraction` of them are
     also rotated and scaled, `photometric_fraction` get a contrast and brightness change,
-    `blur_fraction` a light blur and `noise_fraction` Gaussian noise. Fractions of 0 leave only
+    `blur_fraction` a light blur, `noise_fraction` Gaussian noise and `erase_fraction` a rectangle
+    of 2-33% of the image, of aspect 0.3-3.3, set to 0 (the training set's mean). Fractions of 0 leave only
     flips and shifts, the plain recipe ablations compare against (`jobs.train --augmentation`).
     `padding_mode` fills what a shift uncovers as `grid_sample` does: "border" repeats the edge
     pixels, "reflection" mirrors the face across its edge, "zeros" fills it with the training set's mean.
@@ -78,7 +83,24 @@ def augment_faces(
     out = torch.where(blur, blurred, out)
 
     noise = torch.randn(out.shape, generator=generator).to(device)
-    return out + noise * torch.where(chance(noise_fraction), uniform(0, 0.05), 0.0).view(n, 1, 1, 1)
+    out = out + noise * torch.where(chance(noise_fraction), uniform(0, 0.05), 0.0).view(n, 1, 1, 1)
+    return _erase(out, chance(erase_fraction), uniform)
+
+
+def _erase(x: torch.Tensor, chosen: torch.Tensor, uniform: Callable[[float, float], torch.Tensor]) -> torch.Tensor:
+    """Blank one rectangle in each chosen image, drawn as torchvision's RandomErasing draws it."""
+    height, width = x.shape[-2:]
+    area = uniform(0.02, 0.33) * height * width
+    aspect = torch.exp(uniform(math.log(0.3), math.log(3.3)))
+    box_h = torch.sqrt(area * aspect).round().clamp(1, height)
+    box_w = torch.sqrt(area / aspect).round().clamp(1, width)
+    top = (uniform(0, 1) * (height - box_h + 1)).floor()
+    left = (uniform(0, 1) * (width - box_w + 1)).floor()
+    rows = torch.arange(height, device=x.device).view(1, height, 1)
+    cols = torch.arange(width, device=x.device).view(1, 1, width)
+    inside = ((rows >= top.view(-1, 1, 1)) & (rows < (top + box_h).view(-1, 1, 1))
+              & (cols >= left.view(-1, 1, 1)) & (cols < (left + box_w).view(-1, 1, 1)))
+    return x.masked_fill((inside & chosen.view(-1, 1, 1)).unsqueeze(1), 0.0)
 
 
 def augmentation_settings(given: dict[str, Any]) -> dict[str, Any]:

@@ -41,11 +41,12 @@ class TrainConfig:
 # Recipe keys added after runs were recorded without them, with the value that describes what
 # those runs did, so that they still resume.
 ADDED_KEYS: dict[str, Any] = {"distillation": None, "keep_validation_copies": False}
-# augment_faces' defaults when recipes recorded only the augmentation keywords given: what the
-# keywords a recorded run left out meant.
+# augment_faces' defaults when recipes recorded only the augmentation keywords given, and 0 for
+# erase_fraction, added later: what the keywords a recorded run left out meant.
 EARLIER_AUGMENTATION: dict[str, Any] = {
     "max_shift_px": 4, "warp_fraction": 0.3, "max_rotation_deg": 10.0, "scale_range": [0.92, 1.08],
-    "photometric_fraction": 0.5, "blur_fraction": 0.05, "noise_fraction": 0.2, "padding_mode": "border",
+    "photometric_fraction": 0.5, "blur_fraction": 0.05, "noise_fraction": 0.2, "erase_fraction": 0.0,
+    "padding_mode": "border",
 }
 
 

@@ -196,11 +196,15 @@ def local_ray():
 
 @pytest.fixture(scope="class")
 def first(local_ray, sets, models, tmp_path_factory) -> dict[str, Path]:
-    """One evaluation of both sets with the probe model, which also starts the history."""
+    """One evaluation of both sets with the probe model, which also starts the history.
+
+    Every run in the class is float32: "auto" times both precisions and can choose differently from
+    one run to the next on a loaded host, and the gate compares runs metric for metric.
+    """
     root = tmp_path_factory.mktemp("eval")
     code = evaluate.main(["--input", f"fer={sets['fer']}", "--input", f"ck={sets['ck']}",
                           "--output", str(root / "run1"), "--model", str(models["probe"]),
-                          "--history", str(root / "history"), "--batch-size", "16"])
+                          "--history", str(root / "history"), "--batch-size", "16", "--precision", "fp32"])
     assert code == 0
     return {"out": root / "run1", "history": root / "history", "root": root}
 
@@ -280,7 +284,7 @@ class TestEvaluation:
         root, history = first["root"], first["history"]
         baseline = first["out"] / "report.json"
         args = ["--input", f"fer={sets['fer']}", "--input", f"ck={sets['ck']}", "--history", str(history),
-                "--baseline", str(baseline), "--tolerance", "0.01", "--batch-size", "16"]
+                "--baseline", str(baseline), "--tolerance", "0.01", "--batch-size", "16", "--precision", "fp32"]
         assert evaluate.main([*args, "--output", str(root / "run2"), "--model", str(models["probe"]),
                               "--no-explain"]) == 0
         same = read_report(root / "run2")

@@ -301,10 +301,10 @@ class TestEvaluation:
         stderr = capsys.readouterr().err
         good, bad = read_report(first["out"]), read_report(root / "run3")
         expected = set()
-        for against in ("previous", "baseline"):
+        for against, before in (("previous", same), ("baseline", good)):
             for name in ("fer", "ck"):
                 for metric in ("accuracy", "macro_f1"):
-                    drop = good["sets"][name][metric] - bad["sets"][name][metric]
+                    drop = before["sets"][name][metric] - bad["sets"][name][metric]
                     if drop > 0.01:
                         expected.add((against, name, metric, round(drop, 6)))
         assert bad["sets"]["ck"]["accuracy"] == 0, "the worse model only answers a class absent from ck"

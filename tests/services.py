@@ -20,6 +20,8 @@ from typing import Any
 
 import boto3
 import httpx
+import pyarrow
+import pyarrow.parquet
 
 from serve.environment import serving_env
 
@@ -97,11 +99,29 @@ class RayHead:
         return "TIMEOUT"
 
 
-def wait_for_file(folder: Path, pattern: str, timeout: float) -> None:
-    """Block until a file matching `pattern` appears in `folder` (a job's first output)."""
+def rows_written(folder: Path) -> int:
+    """Rows in the Parquet files of a running (or stopped) job's `folder` that are whole.
+
+    A file still being written, or cut short when its job was stopped, has no footer yet; it
+    is not counted (the job's resume removes it).
+    """
+    rows = 0
+    for path in folder.glob("*.parquet"):
+        try:
+            rows += pyarrow.parquet.ParquetFile(path).metadata.num_rows
+        except (pyarrow.ArrowInvalid, OSError):
+            continue
+    return rows
+
+
+def wait_for_rows(folder: Path, timeout: float) -> int:
+    """Block until a job has written a whole Parquet file under `folder`; its rows so far."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not list(folder.glob(pattern)):
+    while time.monotonic() < deadline:
+        if rows := rows_written(folder):
+            return rows
         time.sleep(0.1)
+    return 0
 
 
 def _stop_group(process: subprocess.Popen) -> None:

@@ -13,7 +13,7 @@ import pytest
 from emotion.checkpoint import save_checkpoint
 from tests.conftest import tiny_checkpoint
 from tests.images import jpeg
-from tests.services import ray_head, ray_worker, wait_for_file
+from tests.services import ray_head, ray_worker, wait_for_rows
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +30,7 @@ def test_job_finishes_exactly_once_after_a_worker_node_is_killed(tmp_path):
         args = ["python", "-m", "jobs.score", "--input", str(folder), "--output", str(out), "--model", str(model),
                 "--batch-size", "100", "--files-per-block", "200", "--rows-per-file", "200"]
         job_id = head.start_job(*args)
-        wait_for_file(out, "*.parquet", timeout=600)
-        written = len(pd.read_parquet(out, columns=["path"]))
+        written = wait_for_rows(out, timeout=600)
         worker.kill()
         assert 0 < written < 6000, "the node was killed mid-job"
         result = head.wait_for_job(job_id, timeout=900)

@@ -21,7 +21,7 @@ from emotion.labels import LABELS
 from jobs.pipeline import output_schema
 from tests.conftest import tiny_checkpoint
 from tests.images import jpeg
-from tests.services import ROOT, wait_for_file
+from tests.services import ROOT, rows_written, wait_for_rows
 
 pytestmark = pytest.mark.slow
 
@@ -101,13 +101,13 @@ def test_driver_killed_at_a_random_point_resumes_exactly_once(ray_cluster, tmp_p
     args = ["python", "-m", "jobs.score", "--input", str(folder), "--output", str(out), "--model", str(model_path),
             "--batch-size", "100", "--files-per-block", "200", "--rows-per-file", "200"]
     job_id = ray_cluster.start_job(*args)
-    wait_for_file(out, "*.parquet", timeout=300)
+    wait_for_rows(out, timeout=300)
     delay = random.Random().uniform(0, 2)
     print(f"stopping the driver {delay:.2f} s after its first Parquet file")
     time.sleep(delay)
     ray_cluster.job_command("stop", job_id)
     assert not (out / "_manifest.json").exists(), "the job was stopped before the end"
-    partial = len(pd.read_parquet(out, columns=["path"]))
+    partial = rows_written(out)
     assert 0 < partial < 10000, "rows reached storage during the run, not only at its end"
 
     result = ray_cluster.submit(*args)

@@ -25,6 +25,7 @@ from emotion.training.augment import augment_faces, augmentation_settings
 from emotion.training.config import RunOptions, TrainConfig, recipe_changes
 from emotion.training.distill import Distillation, check_teacher, load_teacher
 from emotion.training.loop import CHECKPOINT_FILE, recorded_recipe, train_loop_per_worker
+from emotion.training.mixing import Mixing
 from emotion.training.tracking import log_result
 from emotion.uris import absolute_uri, filesystem
 from jobs.conf import apply_defaults
@@ -43,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--distillation", type=json.loads,
                         help='JSON, e.g. \'{"teacher": "ensemble.pt", "weight": 0.5, "temperature": 2}\': '
                              "also learn from a trained model's softened outputs")
+    parser.add_argument("--mixing", type=json.loads,
+                        help='JSON, e.g. \'{"fraction": 0.5, "mixup_alpha": 0.2, "cutmix_alpha": 1.0}\': '
+                             "train a share of batches on blends of two faces and their labels (mixup, CutMix)")
     parser.add_argument("--input-size", type=int)
     parser.add_argument("--channels", type=int, choices=(1, 3))
     parser.add_argument("--epochs", type=int)
@@ -103,6 +107,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         except (ValueError, OSError) as exc:
             parser.error(f"--distillation: {exc}")
         args.distillation = asdict(distillation) | {"teacher": absolute_uri(distillation.teacher), "sha256": digest}
+    if args.mixing is not None:
+        try:
+            args.mixing = asdict(Mixing.from_setting(args.mixing))
+        except ValueError as exc:
+            parser.error(f"--mixing: {exc}")
     args.output, args.storage = absolute_uri(args.output), absolute_uri(os.path.expanduser(args.storage))
     if args.mlflow_uri and "://" not in args.mlflow_uri:
         # A local folder, given as a file URI: the workers' working directory is not the driver's.

@@ -62,7 +62,7 @@ def test_ray_train_writes_a_checkpoint_that_loads_and_predicts(tmp_path):
     assert probs.shape == (2, 7) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
 
 
-def train(tmp_path, *extra: str) -> subprocess.CompletedProcess:
+def train_tiny(tmp_path, *extra: str) -> subprocess.CompletedProcess:
     """`python -m jobs.train` on tiny synthetic faces with a tiny network, in its own local Ray."""
     command = [sys.executable, "-m", "jobs.train", "--train", str(tmp_path / "train"),
                "--output", str(tmp_path / "model.pt"), "--batch-size", "16", "--val-fraction", "0.25",
@@ -79,7 +79,13 @@ def read_csv(path) -> list[dict[str, str]]:
 
 @pytest.mark.slow
 def test_an_interrupted_run_resumes_at_its_next_epoch_and_matches_an_uninterrupted_one(tmp_path):
+    """With mixing on, whose draws come from the checkpointed generator as the augmentation's do."""
     synthetic_faces(tmp_path / "train")
+    mixing = json.dumps({"fraction": 0.5, "mixup_alpha": 0.4, "cutmix_alpha": 1.0})
+
+    def train(folder, *extra: str) -> subprocess.CompletedProcess:
+        return train_tiny(folder, "--mixing", mixing, *extra)
+
     first = train(tmp_path, "--epochs", "3", "--epochs-this-run", "1")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "stopped after epoch 1 of 3" in first.stdout

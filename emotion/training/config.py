@@ -1,6 +1,7 @@
 """What a training run trains (`TrainConfig`, stored in the checkpoint as its recipe) and how one
 invocation runs it (`RunOptions`)."""
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -35,12 +36,20 @@ class TrainConfig:
     augmentation: dict[str, Any]
     # {"teacher", "weight", "temperature"} (emotion.training.distill) or None.
     distillation: dict[str, Any] | None
+    # {"fraction", "mixup_alpha", "cutmix_alpha"} (emotion.training.mixing) or None.
+    mixing: dict[str, Any] | None
     name: str
+
+
+def finite_number(value: Any) -> bool:
+    """A finite int or float, as a recipe's numbers must be: JSON gives NaN and Infinity as
+    floats, and True as an int."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # Recipe keys added after runs were recorded without them, with the value that describes what
 # those runs did, so that they still resume.
-ADDED_KEYS: dict[str, Any] = {"distillation": None, "keep_validation_copies": False}
+ADDED_KEYS: dict[str, Any] = {"distillation": None, "keep_validation_copies": False, "mixing": None}
 # augment_faces' defaults when recipes recorded only the augmentation keywords given, and 0 for
 # erase_fraction, added later: what the keywords a recorded run left out meant.
 EARLIER_AUGMENTATION: dict[str, Any] = {

@@ -12,7 +12,6 @@ classes (a sad face that looks half fearful), which is what the labels cannot te
 keeps the term's gradients on the scale of the cross-entropy's as T changes.
 """
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from emotion.checkpoint import Checkpoint, load_checkpoint_file
 from emotion.labels import LABELS
 from emotion.models import Ensemble
+from emotion.training.config import finite_number
 
 KEYS = ("teacher", "weight", "temperature")
 # Recorded by jobs.train when a run starts, or given to insist on one file.
@@ -46,19 +46,14 @@ class Distillation:
             raise ValueError(f"expected a JSON object with the keys {', '.join(KEYS)} (and optionally "
                              f"{', '.join(OPTIONAL_KEYS)})")
         weight, temperature = setting["weight"], setting["temperature"]
-        if not _number(weight) or not 0 < weight <= 1:
+        if not finite_number(weight) or not 0 < weight <= 1:
             raise ValueError(f"weight must be a number in (0, 1], not {weight!r}")
-        if not _number(temperature) or temperature <= 0:
+        if not finite_number(temperature) or temperature <= 0:
             raise ValueError(f"temperature must be a positive finite number, not {temperature!r}")
         sha256 = setting.get("sha256")
         if sha256 is not None and not isinstance(sha256, str):
             raise ValueError(f"sha256 must be a hex string, not {sha256!r}")
         return cls(str(setting["teacher"]), float(weight), float(temperature), sha256)
-
-
-def _number(value: Any) -> bool:
-    """A finite int or float: JSON gives NaN and Infinity as floats, and True as an int."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def load_teacher(setting: Distillation) -> tuple[Checkpoint, str]:

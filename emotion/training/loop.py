@@ -35,6 +35,7 @@ from emotion.training.augment import augment_faces
 from emotion.training.config import RunOptions, TrainConfig, recipe_changes
 from emotion.training.data import class_weights, split_data
 from emotion.training.distill import Distillation, Teacher, load_teacher
+from emotion.training.mixing import Mixing, mix_batch, mixed_cross_entropy
 from emotion.uris import portable_name
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     teacher = None
     if distillation is not None:
         teacher = Teacher(distillation, load_teacher(distillation)[0], device, mean, std, cfg.input_size)
+    mixing = Mixing.from_setting(cfg.mixing) if cfg.mixing is not None else None
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay
     )
@@ -221,12 +223,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for step in range(steps):
             idx = mine[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             xb = augment_faces(x_train[idx].to(device), generator, **cfg.augmentation)
+            partner, lam = None, 1.0
+            if mixing is not None:
+                xb, partner, lam = mix_batch(xb, generator, mixing)
             xb = xb.contiguous(memory_format=torch.channels_last)
             yb = y_train[idx].to(device)
             with autocast(precision, device):
                 logits = model(xb)
-            loss = F.cross_entropy(
-                logits.float(), yb, weight=weights, label_smoothing=cfg.label_smoothing
+            loss = mixed_cross_entropy(
+                logits.float(), yb, partner, lam, weight=weights, label_smoothing=cfg.label_smoothing
             )
             if teacher is not None:
                 with autocast(precision, device):
@@ -237,7 +242,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             optimizer.step()
             scheduler.step()
             total_loss += loss.item() * len(idx)
-            correct += (logits.argmax(1) == yb).sum().item()
+            hits = logits.argmax(1) == yb
+            if lam != 1.0:
+                # A blended face counts as right in the measure its label weighs.
+                hits = lam * hits + (1 - lam) * (logits.argmax(1) == yb[partner])
+            correct += hits.sum().item()
         seconds = time.perf_counter() - started
         val_loss, val_logits = evaluate(model, x_val, y_val, precision)
         val_pred, truth = val_logits.argmax(axis=1), val.targets

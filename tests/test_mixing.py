@@ -41,19 +41,24 @@ def test_cutmix_pastes_one_rectangle_of_the_partner_whose_area_sets_lam():
             assert box.sum() == len(rows) * len(cols) == (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
 
 
-def test_a_share_of_batches_is_mixed_and_the_rest_pass_untouched():
+def test_a_share_of_batches_is_mixed_half_by_each_method_and_the_rest_pass_untouched():
     x, generator = batch(8), torch.Generator().manual_seed(1)
     results = [mix_batch(x, generator, Mixing(0.3, 0.2, 1.0)) for _ in range(1000)]
     untouched = [out for out, _, lam in results if lam == 1.0]
     assert 0.65 < len(untouched) / 1000 < 0.75
     assert all(out is x for out in untouched)
+    mixed = [out for out, _, lam in results if lam != 1.0]
+    # CutMix only moves pixels, so every value is still a face's own whole number; mixup blends.
+    cut = sum(bool((out == out.round()).all()) for out in mixed)
+    assert 0.4 < cut / len(mixed) < 0.6
 
 
-def test_the_generator_alone_decides_the_mix():
-    x, mixing = batch(), Mixing(0.5, 0.2, 1.0)
-    first = [mix_batch(x, torch.Generator().manual_seed(3), mixing) for _ in range(2)]
-    a, b = first
+@pytest.mark.parametrize("mixing", [Mixing(1.0, 0.2, 0.0), Mixing(1.0, 0.0, 1.0)], ids=["mixup", "cutmix"])
+def test_the_generator_alone_decides_the_mix(mixing):
+    x = batch()
+    a, b, other = (mix_batch(x, torch.Generator().manual_seed(seed), mixing) for seed in (3, 3, 4))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
+    assert not torch.equal(a[0], other[0]) and a[2] != other[2]
 
 
 def test_the_loss_is_the_blend_of_both_labels_losses():

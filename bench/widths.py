@@ -1,11 +1,12 @@
 """What wider stages would cost the default network's throughput, before any is trained.
 
 The issue's lever "more width in the early stages" has to fit under the 600 images/s floor on
-every host. This times the forward pass of `emotion_cnn` (plain stages, untrained weights: the
-cost does not depend on them) at the default widths and at each width list given, in rounds that
-alternate between the networks so that load from anything else falls on all of them alike, and
-prints images/s and the time ratio to the default widths. Multiply the default's images/s from
-`bench/inference.py` by the inverse ratio to see where a wider default would land.
+every host. This times the forward pass of the embedded model's network, built from its
+checkpoint, beside the same architecture with each width list given (untrained weights: the cost
+does not depend on them), in rounds that alternate between the networks so that load from
+anything else falls on all of them alike, and prints images/s and the time ratio to the default.
+Multiply the default's images/s from `bench/inference.py` by the inverse ratio to see where a wider
+default would land.
 
     python bench/widths.py [--widths 40,80,160,256 ...] [--precision fp32] [--batch-size 256] [--rounds 8]
 """
@@ -15,10 +16,9 @@ import time
 
 import torch
 
+from emotion.checkpoint import load_checkpoint
 from emotion.models import build_model
 from emotion.precision import autocast, resolve_precision
-
-DEFAULT_WIDTHS = (32, 64, 128, 256)
 
 
 def width_list(text: str) -> tuple[int, ...]:
@@ -43,29 +43,33 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cpu")
     precision = resolve_precision(args.precision, device)
-    candidates = [DEFAULT_WIDTHS, *(w for w in args.widths if w != DEFAULT_WIDTHS)]
-    networks = {
-        widths: build_model("emotion_cnn", 7, 1, depth=2, residual=False, widths=widths)
-        .eval().to(memory_format=torch.channels_last)
-        for widths in candidates
+    default = load_checkpoint()
+    networks = {"the default": default.build()} | {
+        "-".join(map(str, widths)): build_model(default.arch, len(default.labels), default.channels,
+                                                **(default.arch_kwargs | {"widths": widths}))
+        for widths in args.widths
     }
-    batch = torch.randn(args.batch_size, 1, 48, 48).contiguous(memory_format=torch.channels_last)
+    for network in networks.values():
+        network.eval().to(memory_format=torch.channels_last)
+    batch = torch.randn(args.batch_size, default.channels, default.input_size, default.input_size)
+    batch = batch.contiguous(memory_format=torch.channels_last)
     best = dict.fromkeys(networks, float("inf"))
     with torch.no_grad(), autocast(precision, device):
         for network in networks.values():
             network(batch)
         for _ in range(args.rounds):
-            for widths, network in networks.items():
+            for name, network in networks.items():
                 started = time.perf_counter()
                 network(batch)
-                best[widths] = min(best[widths], time.perf_counter() - started)
+                best[name] = min(best[name], time.perf_counter() - started)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {precision}, batches of "
-          f"{args.batch_size}, best of {args.rounds} rounds, no mirroring")
+          f"{args.batch_size}, best of {args.rounds} rounds, no mirroring; the default: {default.arch} "
+          f"{default.arch_kwargs}")
     print(f"{'widths':<18}{'parameters':>12}{'images/s':>10}{'time vs default':>17}")
-    for widths, network in networks.items():
+    for name, network in networks.items():
         parameters = sum(p.numel() for p in network.parameters())
-        print(f"{'-'.join(map(str, widths)):<18}{parameters:>12,}{args.batch_size / best[widths]:>10.0f}"
-              f"{best[widths] / best[DEFAULT_WIDTHS]:>16.2f}x")
+        print(f"{name:<18}{parameters:>12,}{args.batch_size / best[name]:>10.0f}"
+              f"{best[name] / best['the default']:>16.2f}x")
 
 
 if __name__ == "__main__":

@@ -18,10 +18,10 @@ def test_default_model_accuracy_on_a_fixed_validation_sample():
     accuracy = accuracy_score(labels, predicted)
     macro_f1 = f1_score(labels, predicted, average="macro")
     assert len(paths) == 898
-    # The committed model measures 68.2% / 0.646 on the whole set and 67.9% / 0.647 on this sample
+    # The committed model measures 68.7% / 0.655 on the whole set and 69.3% / 0.668 on this sample
     # (docs/model-card.md); these floors catch a broken model or a preprocessing drift.
-    assert accuracy >= 0.66, accuracy
-    assert macro_f1 >= 0.625, macro_f1
+    assert accuracy >= 0.67, accuracy
+    assert macro_f1 >= 0.645, macro_f1
     reported = predictor.checkpoint.metrics["validation"]
     # The sample is a quarter of the set the card reports on: the two must roughly agree.
     assert abs(accuracy - reported["val_accuracy"]) < 0.04

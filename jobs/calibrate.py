@@ -6,7 +6,6 @@ faces) and writes a new file, never the one it read.
 """
 
 import argparse
-import logging
 import sys
 
 from emotion.calibration import calibrate
@@ -15,20 +14,22 @@ from emotion.predictor import Predictor
 from emotion.training.data import load_arrays
 from emotion.uris import absolute_uri
 from jobs.common import UsageError, start
-
-log = logging.getLogger("jobs.calibrate")
+from jobs.conf import apply_defaults
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line, its defaults read from conf/calibrate.yaml (the only place they are set)."""
     parser = argparse.ArgumentParser(prog="python -m jobs.calibrate", description=__doc__)
     parser.add_argument("--model", required=True, help="checkpoint to calibrate, local or s3://")
     parser.add_argument("--validation", required=True,
                         help="labelled folder (class sub-folders) of faces the model never trained on")
     parser.add_argument("--output", required=True, help="calibrated checkpoint to write, local or s3://")
+    apply_defaults(parser, "calibrate")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Write the calibrated copy; exit 2 before any work when a flag, model or folder is unusable."""
     args = start(build_parser(), argv)
     try:
         if absolute_uri(args.output) == absolute_uri(args.model):

@@ -70,6 +70,7 @@ def join(members: list[Checkpoint], name: str | None = None, cascade_margin: flo
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Join the members into one checkpoint; exit 2 before any work when a flag or member is unusable."""
     args = start(build_parser(), argv)
     try:
         if absolute_uri(args.output) in {absolute_uri(m) for m in args.models}:

@@ -87,6 +87,7 @@ class _InputList(argparse.Action):
 
 
 def build_parser(conf: str = "evaluate") -> argparse.ArgumentParser:
+    """The command line, its defaults from conf/evaluate.yaml with conf/<conf>.yaml layered over it."""
     parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--conf", default=conf, help="conf/<CONF>.yaml layered over conf/evaluate.yaml")
@@ -258,6 +259,7 @@ def score_set(job: EvaluateJob, labelled: LabelledSet) -> tuple[pd.DataFrame, di
 
 
 def write_predictions(df: pd.DataFrame, uri: str) -> None:
+    """One Parquet file of every set's predictions, for reading the errors behind the metrics."""
     fs, path = filesystem(uri)
     fs.makedirs(path, exist_ok=True)
     with fs.open(f"{path}/predictions.parquet", "wb") as f:
@@ -318,6 +320,7 @@ def run(job: EvaluateJob, started_at: datetime) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Evaluate every set; exit 1 when the regression gate fails, so a nightly scheduler sees it."""
     parser, args = parse_args(argv)
     args = start(parser, args=args)
     started_at = datetime.now(UTC)

@@ -7,7 +7,6 @@ its metadata props, so ONNX Runtime in any language can reproduce the Predictor'
 """
 
 import argparse
-import logging
 import sys
 
 import fsspec
@@ -18,7 +17,6 @@ from emotion.uris import filesystem
 from jobs.common import UsageError, start
 from jobs.conf import apply_defaults
 
-log = logging.getLogger("jobs.export")
 # Float32 logits of the same network through two runtimes agree far closer than this; a larger
 # difference means the graph computes something else (an operator exported wrongly).
 TOLERANCE = 1e-3
@@ -36,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Export the checkpoint; exit 1, writing nothing, when ONNX Runtime disagrees with PyTorch."""
     args = start(build_parser(), argv)
     try:
         fs, path = filesystem(args.output)

@@ -26,6 +26,7 @@ class LayoutError(Exception):
 
 @dataclass(frozen=True)
 class Node:
+    """What the layout needs of a Ray node: the CPUs and GPUs it offers."""
     cpus: float
     gpus: float
 

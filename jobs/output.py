@@ -4,7 +4,8 @@ A user's `--output` may be mistyped as the input, a parent of it, or a folder of
 files. The job therefore writes into a location only when it is new, empty, or holds exactly
 what an earlier run of the job wrote: its Parquet files beside a run record (`_run.json`,
 written before any row) or a manifest. `--overwrite` removes those files one by one and nothing
-else, and a resumed run must be the same run: same input, model, file limit and precision.
+else, and a resumed run must be the same run: same input, model, file limit, precision, backend
+and face settings.
 """
 
 import json
@@ -141,6 +142,7 @@ def clear_output(fs: AbstractFileSystem, state: OutputState) -> None:
 
 
 def write_record(fs: AbstractFileSystem, root: str, record: dict[str, Any]) -> None:
+    """The run record that marks the output as this job's, so a rerun may replace it and nothing else."""
     fs.makedirs(root, exist_ok=True)
     with fs.open(join(root, RUN_RECORD), "w") as f:
         json.dump(record, f, indent=2)

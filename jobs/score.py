@@ -85,6 +85,7 @@ class ScoreJob:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line, its defaults read from conf/score.yaml (the only place they are set)."""
     parser = argparse.ArgumentParser(prog="python -m jobs.score", description=__doc__)
     parser.add_argument("--input", required=True, help="image folder or s3:// prefix, read recursively")
     parser.add_argument("--output", required=True, help="folder or s3:// prefix for Parquet and manifest")
@@ -500,6 +501,7 @@ def summary(manifest: dict[str, Any], widest: int = 5) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Score every input file; exit 2 with one line on stderr when the flags or the output cannot work."""
     parser = build_parser()
     args = start(parser, argv)
     try:

@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check the flags, so a wrong folder or augmentation fails before Ray starts."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.arch not in available_architectures():
@@ -126,6 +127,7 @@ def metrics_csv_uri(output: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train (or resume) the run and copy its best checkpoint to --output; exit 2 on bad flags."""
     args = parse_args(argv)
     run_uri = f"{args.storage.rstrip('/')}/{args.name}"
     fs, run_folder = filesystem(run_uri)

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from emotion.training.config import RunOptions, TrainConfig
-from jobs import ensemble, evaluate, export, score, train
+from jobs import calibrate, ensemble, evaluate, export, score, train
 from jobs.conf import CONF_DIR, read_defaults
 from jobs.pipeline import PipelineConfig, pipeline_config
 from serve.app import Settings
@@ -17,6 +17,7 @@ PARSERS = {
     "train": train.build_parser,
     "export": export.build_parser,
     "ensemble": ensemble.build_parser,
+    "calibrate": calibrate.build_parser,
 }
 PIPELINES = ("score", "evaluate")
 # Flags that choose what to run rather than how: no default to keep anywhere.

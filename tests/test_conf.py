@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import yaml
 
+from emotion.preprocess import DEFAULT_MAX_PIXELS
 from emotion.training.config import RunOptions, TrainConfig
 from jobs import calibrate, ensemble, evaluate, export, score, train
 from jobs.conf import CONF_DIR, read_defaults
@@ -54,3 +55,10 @@ def test_the_pipeline_config_takes_every_field_from_the_flags(name):
         if field.name in yaml:
             assert getattr(config, field.name) == yaml[field.name], field.name
     assert (config.min_actors, config.max_actors) == (yaml["actors"], yaml["actors"])
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_the_jobs_and_the_library_refuse_the_same_image_size(name):
+    # The Predictor's keyword default serves direct Python callers; a job must not refuse
+    # images that the same code called directly would accept, or the reverse.
+    assert read_defaults(name)["max_pixels"] == DEFAULT_MAX_PIXELS

@@ -7,6 +7,9 @@ so both backends give the same probabilities by construction, and a reader in an
 finds in the graph's metadata what it needs to do the same (labels, input size, channels,
 mean/std, temperature, whether to mirror).
 
+A graph can also be quantized to int8 (`quantized_bytes`): weights and activations in 8 bits,
+the activations' ranges calibrated on faces, for runtimes where float32 arithmetic is the bottleneck.
+
 onnx, onnxscript and onnxruntime are an optional extra (`pip install emotion-ray[onnx]`) and are
 imported only here, when a graph is exported or run.
 """
@@ -43,6 +46,7 @@ def metadata(checkpoint: Checkpoint) -> dict[str, str]:
         "arch": checkpoint.arch,
         "arch_kwargs": checkpoint.arch_kwargs,
         "name": checkpoint.name,
+        "precision": "fp32",
     }
     return {key: json.dumps(value) for key, value in facts.items()}
 
@@ -82,6 +86,49 @@ def max_difference(checkpoint: Checkpoint, graph: bytes, batch: int = 64, seed: 
         expected = checkpoint.build().float().eval()(torch.from_numpy(x)).numpy()
     got = OnnxNetwork(graph)(torch.from_numpy(x)).numpy()
     return float(np.abs(expected - got).max())
+
+
+def quantized_bytes(graph: bytes, faces: np.ndarray) -> bytes:
+    """`graph` (from `export_bytes`) with int8 weights and activations in ONNX's QDQ form, the
+    activations' ranges calibrated on `faces`: normalised float32 N x C x H x W, as the graph takes
+    them, framed as the faces it will be given. Its metadata props are the source graph's, with
+    `precision` "int8".
+
+    Weights keep 7 bits (`reduce_range`): on CPUs without VNNI instructions ONNX Runtime's int8
+    kernels sum pairs of products in 16 bits, which full 8-bit weights can overflow, changing
+    answers; 7-bit weights cannot (docs/benchmarks.md, "int8", measures both).
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Batches(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{INPUT: faces[i : i + 64]} for i in range(0, len(faces), 64)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory() as folder:
+        source, prepared, target = (Path(folder) / name for name in ("model.onnx", "prepared.onnx", "int8.onnx"))
+        source.write_bytes(graph)
+        quant_pre_process(str(source), str(prepared))
+        quantize_static(str(prepared), str(target), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        quantized = onnx.load(str(target))
+    props = {prop.key: prop.value for prop in onnx.load_from_string(graph).metadata_props}
+    props["precision"] = json.dumps("int8")
+    del quantized.metadata_props[:]
+    for key, value in props.items():
+        quantized.metadata_props.add(key=key, value=value)
+    return quantized.SerializeToString()
+
+
+def agreement(reference: bytes, graph: bytes, faces: np.ndarray) -> float:
+    """The share of `faces` (normalised, as the graphs take them) given the same top class by
+    `graph` as by `reference` under ONNX Runtime."""
+    batch = torch.from_numpy(faces)
+    return float((OnnxNetwork(reference)(batch).argmax(1) == OnnxNetwork(graph)(batch).argmax(1)).float().mean())
 
 
 def read_metadata(graph: bytes) -> dict[str, Any]:

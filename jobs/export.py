@@ -4,15 +4,21 @@ The graph (float32, dynamic batch axis) takes normalised pixels and returns logi
 checkpoint's labels, input size, channels, mean/std, temperature and mirroring flag ride along in
 its metadata props, so ONNX Runtime in any language can reproduce the Predictor's probabilities
 (`emotion.portable`).
+
+With `--int8` the graph is quantized (int8 weights and activations, ranges calibrated on the face
+crops under `--calibration`) and checked by how often it gives float32's top class instead.
 """
 
 import argparse
 import sys
 
 import fsspec
+import numpy as np
 
-from emotion.checkpoint import CheckpointError, load_checkpoint
-from emotion.portable import export_bytes, max_difference
+from emotion.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from emotion.folders import list_images, read_many
+from emotion.portable import agreement, export_bytes, max_difference, quantized_bytes
+from emotion.preprocess import decode_image, normalize
 from emotion.uris import filesystem
 from jobs.common import UsageError, start
 from jobs.conf import apply_defaults
@@ -20,6 +26,12 @@ from jobs.conf import apply_defaults
 # Float32 logits of the same network through two runtimes agree far closer than this; a larger
 # difference means the graph computes something else (an operator exported wrongly).
 TOLERANCE = 1e-3
+# An int8 graph moves logits by far more than that, so it is judged by answers on its calibration
+# faces: a sound one changes only faces near a boundary between two classes, a few in a hundred,
+# where weights overflowing the int8 kernels' 16-bit sums change more than one in ten
+# (docs/benchmarks.md, "int8"). It checks the arithmetic, not the faces: calibrated on images
+# unlike the ones it will see, a graph agrees with itself there and errs elsewhere.
+MIN_AGREEMENT = 0.9
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="ONNX file to write, local or s3://")
     parser.add_argument("--opset", type=int, help="ONNX opset of the graph")
     parser.add_argument("--overwrite", action=argparse.BooleanOptionalAction, help="replace an existing --output")
+    parser.add_argument("--int8", action=argparse.BooleanOptionalAction,
+                        help="quantize weights and activations to int8 (needs --calibration)")
+    parser.add_argument("--calibration", help="folder of face crops, local or s3://, to calibrate --int8 on")
+    parser.add_argument("--calibration-images", type=int, help="at most this many of them, spread over the folder")
     apply_defaults(parser, "export")
     return parser
 
@@ -40,8 +56,15 @@ def main(argv: list[str] | None = None) -> int:
         fs, path = filesystem(args.output)
         if fs.exists(path) and not args.overwrite:
             raise UsageError(f"--output {args.output} exists: pass --overwrite to replace it")
+        if args.calibration and not args.int8:
+            raise UsageError("--calibration is for --int8 only")
+        if args.int8 and not args.calibration:
+            raise UsageError("--int8 needs --calibration: a folder of face crops to fit the activations' ranges on")
+        if args.calibration_images < 1:
+            raise UsageError(f"--calibration-images must be at least 1, not {args.calibration_images}")
         checkpoint = load_checkpoint(args.model)
-    except (UsageError, CheckpointError) as exc:
+        faces = calibration_faces(checkpoint, args.calibration, args.calibration_images) if args.int8 else None
+    except (UsageError, CheckpointError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     graph = export_bytes(checkpoint, args.opset)
@@ -50,11 +73,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: ONNX Runtime's logits differ from PyTorch's by up to {difference:.2e} "
               f"(tolerance {TOLERANCE:.0e}); nothing written", file=sys.stderr)
         return 1
+    check = f"max |logit difference| against PyTorch float32 {difference:.2e}"
+    if faces is not None:
+        float_graph, graph = graph, quantized_bytes(graph, faces)
+        agreed = agreement(float_graph, graph, faces)
+        if agreed < MIN_AGREEMENT:
+            print(f"error: the int8 graph keeps float32's top class for {agreed:.1%} of the {len(faces)} "
+                  f"calibration faces (at least {MIN_AGREEMENT:.0%} needed); nothing written", file=sys.stderr)
+            return 1
+        check = f"int8, calibrated on {len(faces)} faces; float32's top class kept for {agreed:.1%} of them"
     with fsspec.open(args.output, "wb") as f:
         f.write(graph)
-    print(f"wrote {args.output}: {checkpoint.name or checkpoint.arch}, opset {args.opset}, dynamic batch axis; "
-          f"max |logit difference| against PyTorch float32 {difference:.2e}")
+    print(f"wrote {args.output}: {checkpoint.name or checkpoint.arch}, opset {args.opset}, dynamic batch axis; {check}")
     return 0
+
+
+def calibration_faces(checkpoint: Checkpoint, uri: str, limit: int) -> np.ndarray:
+    """Up to `limit` images under `uri`, evenly spaced through its sorted listing (so every class
+    folder of a labelled set is drawn on), decoded and normalised as the Predictor does."""
+    paths = list_images(uri).paths
+    paths = paths[:: max(1, len(paths) // limit)][:limit]
+    decoded = [decode_image(data, checkpoint.input_size, checkpoint.channels) for data in read_many(paths)]
+    pixels = [d.pixels for d in decoded if d.error is None]
+    if not pixels:
+        raise UsageError(f"--calibration {uri}: no decodable images among {len(paths)} files")
+    return normalize(np.stack(pixels), checkpoint.mean, checkpoint.std)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """ONNX export and the onnxruntime backend: the graph carries the checkpoint's facts, any batch
-size runs, and the probabilities match PyTorch's float32 path, mirroring and temperature included."""
+size runs, and the probabilities match PyTorch's float32 path, mirroring and temperature included.
+An int8 export is quantized, keeps the facts and mostly the answers, and refuses bad flags."""
 
 import dataclasses
 import subprocess
@@ -7,14 +8,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
 from emotion.checkpoint import load_checkpoint, new_checkpoint, save_checkpoint
 from emotion.labels import LABELS
 from emotion.models import build_model
-from emotion.portable import OnnxNetwork, export_bytes, max_difference, read_metadata
+from emotion.portable import OnnxNetwork, agreement, export_bytes, max_difference, read_metadata
 from emotion.predictor import Predictor
+from jobs import export
+from jobs.export import calibration_faces
 from tests.conftest import tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,3 +91,48 @@ def test_export_command_checks_parity_writes_and_never_replaces_silently(tmp_pat
     missing = subprocess.run([*command[:4], str(tmp_path / "nope.pt"), "--output", str(tmp_path / "x.onnx")],
                              cwd=ROOT, capture_output=True, text=True)
     assert missing.returncode == 2 and missing.stderr.startswith("error:") and missing.stderr.count("\n") == 1
+
+
+def test_int8_export_quantizes_the_graph_and_keeps_its_facts_and_answers(tmp_path, default_graph):
+    out = tmp_path / "int8.onnx"
+    command = [sys.executable, "-m", "jobs.export", "--output", str(out), "--int8", "--calibration",
+               str(ROOT / "examples" / "faces")]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "int8, calibrated on 28 faces" in done.stdout
+    graph = out.read_bytes()
+    facts = read_metadata(graph)
+    assert facts["precision"] == "int8" and read_metadata(default_graph)["precision"] == "fp32"
+    assert facts["labels"] == list(LABELS) and facts["temperature"] == load_checkpoint().temperature
+    operators = {node.op_type for node in onnx.load_from_string(graph).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= operators
+    assert len(graph) < len(default_graph) / 3
+    unseen = np.random.default_rng(1).normal(0, 1, (64, 1, 48, 48)).astype(np.float32)
+    faces = calibration_faces(load_checkpoint(), str(ROOT / "examples" / "faces"), 512)
+    assert agreement(default_graph, graph, np.concatenate([faces, faces[:, :, :, ::-1].copy()])) >= 0.85
+    assert agreement(default_graph, graph, unseen) >= 0.9
+
+
+def test_int8_flags_are_checked_before_any_work(tmp_path):
+    (tmp_path / "faces").mkdir()
+    (tmp_path / "faces" / "a.png").write_bytes(b"not an image")
+    base = [sys.executable, "-m", "jobs.export", "--output", str(tmp_path / "x.onnx")]
+    for flags, message in [
+        (["--int8"], "--int8 needs --calibration"),
+        (["--calibration", str(tmp_path / "faces")], "--calibration is for --int8 only"),
+        (["--int8", "--calibration", str(tmp_path / "faces"), "--calibration-images", "0"], "at least 1"),
+        (["--int8", "--calibration", str(tmp_path / "faces")], "no decodable images among 1 files"),
+        (["--int8", "--calibration", str(tmp_path / "nowhere")], "input not found"),
+    ]:
+        done = subprocess.run([*base, *flags], cwd=ROOT, capture_output=True, text=True)
+        assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1, (flags, done.stderr)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_an_int8_graph_that_changes_the_answers_is_not_written(tmp_path, monkeypatch, tiny_checkpoint_path):
+    other = export_bytes(tiny_checkpoint(seed=1))
+    monkeypatch.setattr(export, "quantized_bytes", lambda graph, faces: other)
+    out = tmp_path / "x.onnx"
+    code = export.main(["--model", str(tiny_checkpoint_path), "--output", str(out), "--int8",
+                        "--calibration", str(ROOT / "examples" / "faces")])
+    assert code == 1 and not out.exists()

@@ -1,0 +1,93 @@
+"""What an int8 ONNX graph (`python -m jobs.export --int8`) buys against float32, and what it costs.
+
+Exports a checkpoint to ONNX in float32 and in int8 (calibrated on FER2013 training faces, as
+`jobs.export --int8 --calibration` does), then runs PublicTest through PyTorch float32 (the
+Predictor's network, batch norms folded), ONNX Runtime float32 and ONNX Runtime int8 side by side:
+accuracy and macro-F1 with every face mirrored too (logits averaged) and alone, the share of faces
+given float32's top class, and images/s batched (one network pass per face, no mirroring).
+
+    python bench/int8.py [--model CKPT] [--calibration-images 512] [--seconds 5]
+"""
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, f1_score
+
+from emotion.folders import list_labelled_images
+from emotion.portable import OnnxNetwork, export_bytes, quantized_bytes
+from emotion.predictor import Predictor
+from jobs.export import calibration_faces
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared/data/fer2013"
+
+Network = Callable[[torch.Tensor], torch.Tensor]
+
+
+def logits(network: Network, faces: torch.Tensor, batch_size: int) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.cat([network(faces[i : i + batch_size]) for i in range(0, len(faces), batch_size)])
+
+
+def images_per_second(network: Network, faces: torch.Tensor, batch_size: int, seconds: float) -> float:
+    batches = [faces[i : i + batch_size] for i in range(0, len(faces) - batch_size + 1, batch_size)]
+    logits(network, batches[0], batch_size)
+    done, started = 0, time.perf_counter()
+    with torch.inference_mode():
+        while time.perf_counter() - started < seconds:
+            for batch in batches:
+                network(batch)
+                done += len(batch)
+                if time.perf_counter() - started >= seconds:
+                    break
+    return done / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="checkpoint (default: the embedded model)")
+    parser.add_argument("--train", default=str(DATA / "train"), help="faces to calibrate on")
+    parser.add_argument("--validation", default=str(DATA / "validation"))
+    parser.add_argument("--calibration-images", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--seconds", type=float, default=5)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}")
+
+    predictor = Predictor(args.model, device="cpu", precision="fp32")
+    checkpoint = predictor.checkpoint
+    graph = export_bytes(checkpoint)
+    int8 = quantized_bytes(graph, calibration_faces(checkpoint, args.train, args.calibration_images))
+    images = list_labelled_images(args.validation)
+    faces = torch.from_numpy(calibration_faces(checkpoint, args.validation, len(images.paths)))
+    truth = np.array([checkpoint.labels.index(label) for label in images.labels])
+    threads = torch.get_num_threads()
+    networks: list[tuple[str, Network]] = [
+        ("torch fp32", predictor.model),
+        ("onnxruntime fp32", OnnxNetwork(graph, threads=threads)),
+        ("onnxruntime int8", OnnxNetwork(int8, threads=threads)),
+    ]
+    print(f"{len(faces)} faces from {args.validation}; int8 calibrated on {args.calibration_images} "
+          f"from {args.train}; graphs {len(graph) / 1e6:.1f} MB and {len(int8) / 1e6:.1f} MB")
+    print(f"{'network':<20}{'mirrored':>16}{'alone':>16}{'same as fp32':>14}{'images/s':>10}{'vs torch':>10}")
+    reference, rows = None, []
+    for name, network in networks:
+        alone = logits(network, faces, args.batch_size)
+        both = alone + logits(network, faces.flip(3), args.batch_size)
+        reference = alone.argmax(1) if reference is None else reference
+        speed = images_per_second(network, faces, args.batch_size, args.seconds)
+        rows.append(speed)
+        cells = [f"{accuracy_score(truth, x.argmax(1)):.1%} / {f1_score(truth, x.argmax(1), average='macro'):.3f}"
+                 for x in (both, alone)]
+        same = float((alone.argmax(1) == reference).float().mean())
+        print(f"{name:<20}{cells[0]:>16}{cells[1]:>16}{same:>14.1%}{speed:>10.0f}{speed / rows[0]:>9.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -2,25 +2,30 @@
 
 Exports a checkpoint to ONNX in float32 and in int8 (calibrated on FER2013 training faces, as
 `jobs.export --int8 --calibration` does), then runs PublicTest through PyTorch float32 (the
-Predictor's network, batch norms folded), ONNX Runtime float32 and ONNX Runtime int8 side by side:
+Predictor's network, batch norms folded), ONNX Runtime float32 and ONNX Runtime int8 side by side,
+each called as the Predictor calls its network (channels-last batches cut into micro-batches):
 accuracy and macro-F1 with every face mirrored too (logits averaged) and alone, the share of faces
-given float32's top class, and images/s batched (one network pass per face, no mirroring).
+given float32's top class, and images/s batched for the network alone (one pass per face, no
+decoding or mirroring: bench/inference.py measures the whole Predictor).
 
-    python bench/int8.py [--model CKPT] [--calibration-images 512] [--seconds 5]
+    python bench/int8.py [--model CKPT] [--calibration DIR] [--calibration-images 512] [--seconds 5]
 """
 
 import argparse
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, f1_score
 
-from emotion.folders import list_labelled_images
+from emotion.flip import flip_averaged_logits
+from emotion.folders import list_labelled_images, read_many
 from emotion.portable import OnnxNetwork, export_bytes, quantized_bytes
-from emotion.predictor import Predictor
+from emotion.predictor import Predictor, _micro_batched
+from emotion.preprocess import normalize
 from jobs.export import calibration_faces
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,19 +34,23 @@ DATA = ROOT.parent / "shared/data/fer2013"
 Network = Callable[[torch.Tensor], torch.Tensor]
 
 
-def logits(network: Network, faces: torch.Tensor, batch_size: int) -> torch.Tensor:
+def logits(network: Network, faces: torch.Tensor, batch_size: int, mirrored: bool) -> torch.Tensor:
+    """Logits of every face in batches, as the Predictor computes them with mirroring on every face
+    or none."""
     with torch.inference_mode():
-        return torch.cat([network(faces[i : i + batch_size]) for i in range(0, len(faces), batch_size)])
+        return torch.cat([flip_averaged_logits(network, faces[i : i + batch_size], 1 if mirrored else 0)
+                          for i in range(0, len(faces), batch_size)])
 
 
 def images_per_second(network: Network, faces: torch.Tensor, batch_size: int, seconds: float) -> float:
+    """Faces per second through the network alone, one pass each, after a warm-up batch."""
     batches = [faces[i : i + batch_size] for i in range(0, len(faces) - batch_size + 1, batch_size)]
-    logits(network, batches[0], batch_size)
+    logits(network, batches[0], batch_size, mirrored=False)
     done, started = 0, time.perf_counter()
     with torch.inference_mode():
         while time.perf_counter() - started < seconds:
             for batch in batches:
-                network(batch)
+                flip_averaged_logits(network, batch, 0)
                 done += len(batch)
                 if time.perf_counter() - started >= seconds:
                     break
@@ -49,9 +58,10 @@ def images_per_second(network: Network, faces: torch.Tensor, batch_size: int, se
 
 
 def main() -> None:
+    """Print one line per network."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="checkpoint (default: the embedded model)")
-    parser.add_argument("--train", default=str(DATA / "train"), help="faces to calibrate on")
+    parser.add_argument("--calibration", default=str(DATA / "train"), help="faces to calibrate on")
     parser.add_argument("--validation", default=str(DATA / "validation"))
     parser.add_argument("--calibration-images", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=256)
@@ -63,23 +73,26 @@ def main() -> None:
     predictor = Predictor(args.model, device="cpu", precision="fp32")
     checkpoint = predictor.checkpoint
     graph = export_bytes(checkpoint)
-    int8 = quantized_bytes(graph, calibration_faces(checkpoint, args.train, args.calibration_images))
+    int8 = quantized_bytes(graph, calibration_faces(checkpoint, args.calibration, args.calibration_images))
     images = list_labelled_images(args.validation)
-    faces = torch.from_numpy(calibration_faces(checkpoint, args.validation, len(images.paths)))
+    decoded = [predictor.decode(data) for data in read_many(images.paths)]
+    if any(d.error for d in decoded):
+        raise SystemExit(f"undecodable faces in {args.validation}: fix or remove them")
+    faces = torch.from_numpy(normalize(np.stack([d.pixels for d in decoded]), checkpoint.mean, checkpoint.std))
     truth = np.array([checkpoint.labels.index(label) for label in images.labels])
     threads = torch.get_num_threads()
     networks: list[tuple[str, Network]] = [
-        ("torch fp32", predictor.model),
-        ("onnxruntime fp32", OnnxNetwork(graph, threads=threads)),
-        ("onnxruntime int8", OnnxNetwork(int8, threads=threads)),
+        ("torch fp32", partial(_micro_batched, predictor.model)),
+        ("onnxruntime fp32", partial(_micro_batched, OnnxNetwork(graph, threads=threads))),
+        ("onnxruntime int8", partial(_micro_batched, OnnxNetwork(int8, threads=threads))),
     ]
     print(f"{len(faces)} faces from {args.validation}; int8 calibrated on {args.calibration_images} "
-          f"from {args.train}; graphs {len(graph) / 1e6:.1f} MB and {len(int8) / 1e6:.1f} MB")
+          f"from {args.calibration}; graphs {len(graph) / 1e6:.1f} MB and {len(int8) / 1e6:.1f} MB")
     print(f"{'network':<20}{'mirrored':>16}{'alone':>16}{'same as fp32':>14}{'images/s':>10}{'vs torch':>10}")
     reference, rows = None, []
     for name, network in networks:
-        alone = logits(network, faces, args.batch_size)
-        both = alone + logits(network, faces.flip(3), args.batch_size)
+        alone = logits(network, faces, args.batch_size, mirrored=False)
+        both = logits(network, faces, args.batch_size, mirrored=True)
         reference = alone.argmax(1) if reference is None else reference
         speed = images_per_second(network, faces, args.batch_size, args.seconds)
         rows.append(speed)

@@ -4,7 +4,8 @@ FER2013's training set has 16 times as many happy faces as disgusted ones, and a
 on it names disgust and fear less often than validation holds them. Post-hoc logit adjustment
 (Menon et al., "Long-tail learning via logit adjustment", ICLR 2021) subtracts tau times the log
 of each class's training share from the logits before the argmax: tau 0 is the model as it is,
-tau 1 the prediction a balanced training set would give. If macro-F1 rises for some tau, the
+tau 1 the prediction a balanced training set would give (for a model trained on that set
+without class weights). If macro-F1 rises for some tau, the
 rare classes need more weight (in training or after it); if it falls, the faces a model misses in
 those classes are not near its decision boundary and re-weighting cannot reach them.
 
@@ -44,6 +45,8 @@ def main() -> None:
         labels = list(predictor.labels)
         truth = np.array([labels.index(label) for label in images.labels])
         counts = np.array([train_labels.count(label) for label in labels], dtype=np.float64)
+        if not counts.all():
+            raise SystemExit(f"{args.train} has no images of {', '.join(np.array(labels)[counts == 0])}: no prior")
         log_prior = np.log(counts / counts.sum())
         logits = predictor.predict_logits(np.stack([predictor.decode(d).pixels for d in data])).numpy()
         print(f"{predictor.name} ({model or 'embedded'}); classes {' '.join(labels)}")
@@ -52,7 +55,7 @@ def main() -> None:
             predicted = (logits - tau * log_prior).argmax(axis=1)
             per_class = f1_score(truth, predicted, average=None, labels=range(len(labels)))
             print(f"  tau {tau:.2f}: {accuracy_score(truth, predicted):.1%} / "
-                  f"{f1_score(truth, predicted, average='macro'):.3f}  per class {np.round(per_class, 3)}  "
+                  f"{per_class.mean():.3f}  per class {np.round(per_class, 3)}  "
                   f"given {np.bincount(predicted, minlength=len(labels))}", flush=True)
 
 

@@ -5,10 +5,11 @@ a dynamic batch axis. Everything around it stays where it is for the PyTorch pat
 normalisation before it, test-time mirroring and the temperature after it (`emotion.predictor`),
 so both backends give the same probabilities by construction, and a reader in another language
 finds in the graph's metadata what it needs to do the same (labels, input size, channels,
-mean/std, temperature, whether to mirror).
+mean/std, temperature, whether to mirror, precision).
 
-A graph can also be quantized to int8 (`quantized_bytes`): weights and activations in 8 bits,
-the activations' ranges calibrated on faces, for runtimes where float32 arithmetic is the bottleneck.
+A graph can also be quantized (`quantized_bytes`): int8 weights (7 bits used) and uint8
+activations whose ranges are calibrated on faces, for CPUs where float32 arithmetic is the
+bottleneck. The metadata says which (`precision`: "fp32" or "int8").
 
 onnx, onnxscript and onnxruntime are an optional extra (`pip install emotion-ray[onnx]`) and are
 imported only here, when a graph is exported or run.
@@ -126,9 +127,13 @@ def quantized_bytes(graph: bytes, faces: np.ndarray) -> bytes:
 
 def agreement(reference: bytes, graph: bytes, faces: np.ndarray) -> float:
     """The share of `faces` (normalised, as the graphs take them) given the same top class by
-    `graph` as by `reference` under ONNX Runtime."""
-    batch = torch.from_numpy(faces)
-    return float((OnnxNetwork(reference)(batch).argmax(1) == OnnxNetwork(graph)(batch).argmax(1)).float().mean())
+    `graph` as by `reference` under ONNX Runtime, in slices so that memory stays flat."""
+    first, second = OnnxNetwork(reference), OnnxNetwork(graph)
+    same = 0
+    for start in range(0, len(faces), 256):
+        batch = torch.from_numpy(faces[start : start + 256])
+        same += int((first(batch).argmax(1) == second(batch).argmax(1)).sum())
+    return same / max(len(faces), 1)
 
 
 def read_metadata(graph: bytes) -> dict[str, Any]:

@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Export the checkpoint; exit 1, writing nothing, when ONNX Runtime disagrees with PyTorch."""
+    """Export the checkpoint; exit 1, writing nothing, when ONNX Runtime disagrees with PyTorch or
+    the int8 graph with the float32 one."""
     args = start(build_parser(), argv)
     try:
         fs, path = filesystem(args.output)
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--calibration-images must be at least 1, not {args.calibration_images}")
         checkpoint = load_checkpoint(args.model)
         faces = calibration_faces(checkpoint, args.calibration, args.calibration_images) if args.int8 else None
-    except (UsageError, CheckpointError, FileNotFoundError) as exc:
+    except (UsageError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     graph = export_bytes(checkpoint, args.opset)
@@ -91,12 +92,18 @@ def main(argv: list[str] | None = None) -> int:
 def calibration_faces(checkpoint: Checkpoint, uri: str, limit: int) -> np.ndarray:
     """Up to `limit` images under `uri`, evenly spaced through its sorted listing (so every class
     folder of a labelled set is drawn on), decoded and normalised as the Predictor does."""
-    paths = list_images(uri).paths
-    paths = paths[:: max(1, len(paths) // limit)][:limit]
+    try:
+        listed = list_images(uri).paths
+    except FileNotFoundError:
+        raise UsageError(f"--calibration {uri}: not found") from None
+    if not listed:
+        raise UsageError(f"--calibration {uri}: no image files under it")
+    count = min(limit, len(listed))
+    paths = [listed[i * len(listed) // count] for i in range(count)]
     decoded = [decode_image(data, checkpoint.input_size, checkpoint.channels) for data in read_many(paths)]
     pixels = [d.pixels for d in decoded if d.error is None]
     if not pixels:
-        raise UsageError(f"--calibration {uri}: no decodable images among {len(paths)} files")
+        raise UsageError(f"--calibration {uri}: none of the {len(paths)} images read decodes")
     return normalize(np.stack(pixels), checkpoint.mean, checkpoint.std)
 
 

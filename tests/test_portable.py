@@ -107,32 +107,58 @@ def test_int8_export_quantizes_the_graph_and_keeps_its_facts_and_answers(tmp_pat
     operators = {node.op_type for node in onnx.load_from_string(graph).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= operators
     assert len(graph) < len(default_graph) / 3
-    unseen = np.random.default_rng(1).normal(0, 1, (64, 1, 48, 48)).astype(np.float32)
+    # Mirrored, the faces are ones the calibration never saw.
     faces = calibration_faces(load_checkpoint(), str(ROOT / "examples" / "faces"), 512)
-    assert agreement(default_graph, graph, np.concatenate([faces, faces[:, :, :, ::-1].copy()])) >= 0.85
-    assert agreement(default_graph, graph, unseen) >= 0.9
+    assert agreement(default_graph, graph, faces[:, :, :, ::-1].copy()) >= 0.85
 
 
-def test_int8_flags_are_checked_before_any_work(tmp_path):
+def test_calibration_draws_on_the_whole_folder(tmp_path):
+    from PIL import Image
+
+    for shade in (10, 100, 200):
+        (tmp_path / str(shade)).mkdir()
+        for i in range(4):
+            Image.new("L", (48, 48), shade).save(tmp_path / str(shade) / f"{i}.png")
+    checkpoint = tiny_checkpoint()
+    faces = calibration_faces(checkpoint, str(tmp_path), 8)
+    shades = {round(float(face.mean()) * checkpoint.std[0] * 255 + checkpoint.mean[0] * 255) for face in faces}
+    assert len(faces) == 8 and shades == {10, 100, 200}
+
+
+def test_int8_flags_and_calibration_folders_are_refused_in_one_line(tmp_path):
     (tmp_path / "faces").mkdir()
     (tmp_path / "faces" / "a.png").write_bytes(b"not an image")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
     base = [sys.executable, "-m", "jobs.export", "--output", str(tmp_path / "x.onnx")]
     for flags, message in [
         (["--int8"], "--int8 needs --calibration"),
         (["--calibration", str(tmp_path / "faces")], "--calibration is for --int8 only"),
         (["--int8", "--calibration", str(tmp_path / "faces"), "--calibration-images", "0"], "at least 1"),
-        (["--int8", "--calibration", str(tmp_path / "faces")], "no decodable images among 1 files"),
-        (["--int8", "--calibration", str(tmp_path / "nowhere")], "input not found"),
+        (["--int8", "--calibration", str(tmp_path / "faces")], "none of the 1 images read decodes"),
+        (["--int8", "--calibration", str(tmp_path / "empty")], "no image files under it"),
+        (["--int8", "--calibration", str(tmp_path / "nowhere")], "nowhere: not found"),
     ]:
         done = subprocess.run([*base, *flags], cwd=ROOT, capture_output=True, text=True)
         assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1, (flags, done.stderr)
     assert not (tmp_path / "x.onnx").exists()
 
 
-def test_an_int8_graph_that_changes_the_answers_is_not_written(tmp_path, monkeypatch, tiny_checkpoint_path):
-    other = export_bytes(tiny_checkpoint(seed=1))
-    monkeypatch.setattr(export, "quantized_bytes", lambda graph, faces: other)
+def always(label: int):
+    """The tiny checkpoint, made to name one class for every face."""
+    checkpoint = tiny_checkpoint()
+    state = dict(checkpoint.state_dict)
+    bias = next(key for key in reversed(state) if key.endswith("bias") and state[key].shape == (len(LABELS),))
+    state[bias] = torch.full((len(LABELS),), -100.0).index_fill(0, torch.tensor([label]), 100.0)
+    return dataclasses.replace(checkpoint, state_dict=state)
+
+
+def test_an_int8_graph_that_changes_the_answers_is_not_written(tmp_path, monkeypatch, capsys):
+    model = tmp_path / "happy.pt"
+    save_checkpoint(always(LABELS.index("happy")), model)
+    monkeypatch.setattr(export, "quantized_bytes", lambda graph, faces: export_bytes(always(LABELS.index("sad"))))
     out = tmp_path / "x.onnx"
-    code = export.main(["--model", str(tiny_checkpoint_path), "--output", str(out), "--int8",
+    code = export.main(["--model", str(model), "--output", str(out), "--int8",
                         "--calibration", str(ROOT / "examples" / "faces")])
     assert code == 1 and not out.exists()
+    assert "keeps float32's top class for 0.0% of the 28 calibration faces" in capsys.readouterr().err

@@ -53,7 +53,7 @@ def main() -> None:
     baseline = None
     for name, predictor, escalated in configurations:
         predicted = predictor.predict_pixels(faces).argmax(axis=1)
-        rate = images_per_second(predictor, faces, min(args.batch_size, len(faces)), args.seconds)
+        rate = images_per_second(predictor.predict_pixels, faces, min(args.batch_size, len(faces)), args.seconds)
         baseline = baseline or rate
         print(f"{name:<28}{np.mean(predicted == truth):>9.1%}{f1_score(truth, predicted, average='macro'):>9.3f}"
               f"{escalated:>10.0%}{rate:>10.0f}{rate / baseline:>8.2f}x", flush=True)

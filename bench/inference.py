@@ -13,7 +13,9 @@ Real faces, not noise: how many images get the second pass depends on what the m
 import argparse
 import importlib.util
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,13 +34,16 @@ def decoded_faces(predictor: Predictor, folder: str) -> np.ndarray:
     return np.stack([d.pixels for d in decoded if d.error is None])
 
 
-def images_per_second(predictor: Predictor, faces: np.ndarray, batch_size: int, seconds: float) -> float:
+def images_per_second(predict: Callable[[Any], object], faces: np.ndarray | torch.Tensor, batch_size: int,
+                      seconds: float) -> float:
+    """Faces per second through `predict` (a Predictor's `predict_pixels`, or a network) called on
+    whole batches of `faces` for about `seconds`, after one untimed call that warms it up."""
     batches = [faces[i : i + batch_size] for i in range(0, len(faces) - batch_size + 1, batch_size)]
-    predictor.predict_pixels(batches[0])
+    predict(batches[0])
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         for batch in batches:
-            predictor.predict_pixels(batch)
+            predict(batch)
             done += len(batch)
             if time.perf_counter() - started >= seconds:
                 break
@@ -83,8 +88,8 @@ def main() -> None:
     for name, predictor in configurations:
         # The first rows run precision "auto": they show what it chose on this host.
         label = f"{name} ({predictor.precision})" if not name.startswith(("bf16", "fp32", "onnx")) else name
-        batched = images_per_second(predictor, faces, batch_size, args.seconds)
-        single = images_per_second(predictor, faces, 1, args.seconds / 2)
+        batched = images_per_second(predictor.predict_pixels, faces, batch_size, args.seconds)
+        single = images_per_second(predictor.predict_pixels, faces, 1, args.seconds / 2)
         rows.append((label, batched, single))
     print(f"{'configuration':<28}{'batched/s':>10}{'vs shipped':>12}{'single/s':>10}{'vs shipped':>12}")
     for name, batched, single in rows:

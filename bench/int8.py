@@ -12,13 +12,13 @@ decoding or mirroring: bench/inference.py measures the whole Predictor).
 """
 
 import argparse
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+from inference import images_per_second
 from sklearn.metrics import accuracy_score, f1_score
 
 from emotion.flip import flip_averaged_logits
@@ -40,21 +40,6 @@ def logits(network: Network, faces: torch.Tensor, batch_size: int, mirrored: boo
     with torch.inference_mode():
         return torch.cat([flip_averaged_logits(network, faces[i : i + batch_size], 1 if mirrored else 0)
                           for i in range(0, len(faces), batch_size)])
-
-
-def images_per_second(network: Network, faces: torch.Tensor, batch_size: int, seconds: float) -> float:
-    """Faces per second through the network alone, one pass each, after a warm-up batch."""
-    batches = [faces[i : i + batch_size] for i in range(0, len(faces) - batch_size + 1, batch_size)]
-    logits(network, batches[0], batch_size, mirrored=False)
-    done, started = 0, time.perf_counter()
-    with torch.inference_mode():
-        while time.perf_counter() - started < seconds:
-            for batch in batches:
-                flip_averaged_logits(network, batch, 0)
-                done += len(batch)
-                if time.perf_counter() - started >= seconds:
-                    break
-    return done / (time.perf_counter() - started)
 
 
 def main() -> None:
@@ -94,7 +79,8 @@ def main() -> None:
         alone = logits(network, faces, args.batch_size, mirrored=False)
         both = logits(network, faces, args.batch_size, mirrored=True)
         reference = alone.argmax(1) if reference is None else reference
-        speed = images_per_second(network, faces, args.batch_size, args.seconds)
+        speed = images_per_second(torch.inference_mode()(partial(flip_averaged_logits, network, margin=0)),
+                                  faces, args.batch_size, args.seconds)
         rows.append(speed)
         cells = [f"{accuracy_score(truth, x.argmax(1)):.1%} / {f1_score(truth, x.argmax(1), average='macro'):.3f}"
                  for x in (both, alone)]

@@ -1,12 +1,12 @@
 """`python -m jobs.export`: a checkpoint as an ONNX model, checked against PyTorch on export.
 
 The graph (float32, dynamic batch axis) takes normalised pixels and returns logits; the
-checkpoint's labels, input size, channels, mean/std, temperature and mirroring flag ride along in
-its metadata props, so ONNX Runtime in any language can reproduce the Predictor's probabilities
+checkpoint's labels, input size, channels, mean/std, temperature, mirroring flag and precision ride
+along in its metadata props, so ONNX Runtime in any language can reproduce the Predictor's probabilities
 (`emotion.portable`).
 
-With `--int8` the graph is quantized (int8 weights and activations, ranges calibrated on the face
-crops under `--calibration`) and checked by how often it gives float32's top class instead.
+With `--int8` the graph is quantized (int8 weights, uint8 activations whose ranges are calibrated
+on the face crops under `--calibration`) and checked by how often it gives float32's top class.
 """
 
 import argparse

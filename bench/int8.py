@@ -44,7 +44,7 @@ def logits(network: Network, faces: torch.Tensor, batch_size: int, mirrored: boo
 
 
 def main() -> None:
-    """Print one line per network."""
+    """Print one table for the networks alone and one for whole Predictors."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="checkpoint (default: the embedded model)")
     parser.add_argument("--calibration", default=str(DATA / "train"), help="faces to calibrate on")

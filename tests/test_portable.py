@@ -15,7 +15,7 @@ import torch
 from emotion.checkpoint import load_checkpoint, new_checkpoint, save_checkpoint
 from emotion.labels import LABELS
 from emotion.models import build_model
-from emotion.portable import OnnxNetwork, agreement, export_bytes, max_difference, read_metadata
+from emotion.portable import OnnxNetwork, agreement, export_bytes, max_difference, quantized_bytes, read_metadata
 from emotion.predictor import Predictor
 from jobs import export
 from jobs.export import calibration_faces
@@ -162,3 +162,15 @@ def test_an_int8_graph_that_changes_the_answers_is_not_written(tmp_path, monkeyp
                         "--calibration", str(ROOT / "examples" / "faces")])
     assert code == 1 and not out.exists()
     assert "keeps float32's top class for 0.0% of the 28 calibration faces" in capsys.readouterr().err
+
+
+def test_int8_quantization_calibrates_and_compares_over_several_batches():
+    # 150 faces are three calibration batches and 300 two agreement slices: state carried between
+    # batches (ranges, counts) is exercised, not only a single batch's.
+    checkpoint = tiny_checkpoint()
+    graph = export_bytes(checkpoint)
+    faces = np.random.default_rng(2).normal(0, 1, (300, 1, 48, 48)).astype(np.float32)
+    quantized = quantized_bytes(graph, faces[:150])
+    assert read_metadata(quantized)["precision"] == "int8"
+    assert 0.8 <= agreement(graph, quantized, faces) <= 1.0
+    assert agreement(graph, export_bytes(always(0)), faces) < 0.5

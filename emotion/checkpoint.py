@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import fsspec
+import numpy as np
 import torch
 from torch import nn
 
@@ -51,6 +52,11 @@ class Checkpoint:
     temperature: float = 1.0
     num_params: int = 0
     created: str = ""
+    # The network quantized to int8 as a serialised ONNX graph (emotion.portable), or empty; and
+    # `weights_digest` of the weights it was quantized from, so that a graph left beside weights
+    # that changed since is refused rather than run.
+    int8_graph: bytes = b""
+    int8_weights: str = ""
 
     def build(self) -> nn.Module:
         """The network with these weights, in eval mode."""
@@ -62,9 +68,20 @@ class Checkpoint:
         """Everything but the weights, as plain JSON-able values (for /models and manifests)."""
         info = dataclasses.asdict(self)
         del info["state_dict"]
+        info["int8_graph_bytes"] = len(info.pop("int8_graph"))
         info["labels"] = list(self.labels)
         info["mean"], info["std"] = list(self.mean), list(self.std)
         return info
+
+
+def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """A sha256 of the weights' names, dtypes, shapes and values: equal digests, equal networks."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def new_checkpoint(model: nn.Module, **fields: Any) -> Checkpoint:
@@ -81,6 +98,8 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> None:
     payload["labels"] = list(checkpoint.labels)
     payload["mean"], payload["std"] = list(checkpoint.mean), list(checkpoint.std)
     payload["format"], payload["format_version"] = FORMAT, FORMAT_VERSION
+    # As a tensor: pickled bytes are a call to a constructor, which weights_only loading refuses.
+    payload["int8_graph"] = torch.from_numpy(np.frombuffer(checkpoint.int8_graph, dtype=np.uint8).copy())
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     with fsspec.open(str(path), "wb") as f:
@@ -134,6 +153,14 @@ def load_checkpoint_file(path: str | Path | None = None) -> CheckpointFile:
     return CheckpointFile(_parse(data, where), hashlib.sha256(data).hexdigest(), len(data))
 
 
+def _graph_bytes(stored: Any) -> bytes:
+    if stored is None:
+        return b""
+    if not isinstance(stored, torch.Tensor) or stored.dtype != torch.uint8 or stored.dim() != 1:
+        raise TypeError("int8_graph is not a flat uint8 tensor")
+    return stored.numpy().tobytes()
+
+
 def _parse(data: bytes, where: str) -> Checkpoint:
     try:
         with warnings.catch_warnings():
@@ -172,10 +199,16 @@ def _parse(data: bytes, where: str) -> Checkpoint:
                 "labels": tuple(payload["labels"]),
                 "mean": tuple(payload["mean"]),
                 "std": tuple(payload["std"]),
+                "int8_graph": _graph_bytes(payload.get("int8_graph")),
             }
         )
     except (KeyError, TypeError) as exc:
         raise CheckpointError(f"{where}: checkpoint is missing a field ({exc})") from None
+    if checkpoint.int8_graph and checkpoint.int8_weights != weights_digest(checkpoint.state_dict):
+        raise CheckpointError(
+            f"{where}: its int8 graph was quantized from other weights than the ones it holds; "
+            "quantize it again (python -m jobs.quantize)"
+        )
     if len(checkpoint.mean) != checkpoint.channels or len(checkpoint.std) != checkpoint.channels:
         raise CheckpointError(f"{where}: mean/std do not match {checkpoint.channels} channels")
     try:

@@ -19,8 +19,9 @@ from emotion.precision import resolve_precision
 from emotion.preprocess import DEFAULT_MAX_PIXELS, Decoded, decode_image, normalize
 
 BACKENDS = ("torch", "onnxruntime")
-# Forward passes on CPU go through the network in slices of this many images, so the activations
-# of a slice stay in the cache between layers (measured in docs/benchmarks.md).
+PRECISIONS = ("auto", "bf16", "fp32", "int8")
+# Forward passes through PyTorch on CPU go through the network in slices of this many images, so
+# the activations of a slice stay in the cache between layers (measured in docs/benchmarks.md).
 CPU_MICRO_BATCH = 16
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -29,6 +30,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # keeps bf16 only when float32 takes BF16_MARGIN times as long or more.
 TIMING_BATCH = 64
 BF16_MARGIN = 1.2
+# and, for a checkpoint that carries an int8 graph, switches to it only when the float network
+# chosen takes INT8_MARGIN times as long or more on the same batch.
+INT8_MARGIN = 1.2
 
 
 def prediction_columns(probs: np.ndarray, labels: Sequence[str]) -> dict[str, np.ndarray]:
@@ -75,7 +79,9 @@ class Predictor:
     the network exactly what it was trained on. `precision="auto"` runs bfloat16 where the device
     has native instructions for it (recent GPUs; AVX512-BF16 or AMX CPUs where a timed batch shows
     it faster than float32), at a small cost in the probabilities' precision (measured in
-    docs/benchmarks.md and the model card); `precision` says which was chosen.
+    docs/benchmarks.md and the model card), and on a CPU the checkpoint's int8 graph, when it
+    carries one, where a timed batch shows it clearly faster than either; `precision` says which
+    was chosen. `precision="int8"` runs that graph in ONNX Runtime whatever the backend.
 
     The loaded network is prepared for inference only: batch norms are folded into the
     convolutions before them and, in bfloat16, the weights are cast once rather than on every
@@ -101,12 +107,16 @@ class Predictor:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
         self.backend = backend
-        self.device = pick_device(device)
+        # ONNX Runtime runs on the CPU here, so a GPU in the machine does not make it the default.
+        self.device = pick_device(device or ("cpu" if backend == "onnxruntime" or precision == "int8" else None))
         self.max_pixels = max_pixels
         self.flip_margin = flip_margin if self.checkpoint.test_time_flip else 0.0
-        if backend == "onnxruntime":
+        if precision == "int8":
+            self._run_int8()
+        elif backend == "onnxruntime":
             if self.device.type != "cpu" or precision not in ("auto", "fp32"):
-                raise ValueError("the onnxruntime backend runs float32 on the CPU: device cpu, precision auto or fp32")
+                raise ValueError("the onnxruntime backend runs float32 or int8 on the CPU: device cpu, precision auto, "
+                                 "fp32 or int8")
             self.precision, self.dtype = "fp32", torch.float32
             self.model = OnnxNetwork(export_bytes(self.checkpoint), threads=torch.get_num_threads())
         else:
@@ -115,6 +125,17 @@ class Predictor:
             self.model = _inference_network(self.checkpoint.build(), self.device, self.dtype)
             if precision == "auto" and self.precision == "bf16" and self.device.type == "cpu":
                 self._keep_bf16_only_if_faster()
+        if precision == "auto" and self.device.type == "cpu" and self.checkpoint.int8_graph:
+            self._take_int8_if_faster()
+
+    def _run_int8(self) -> None:
+        if self.device.type != "cpu":
+            raise ValueError(f"precision int8 runs on the CPU only, not on {self.device}")
+        if not self.checkpoint.int8_graph:
+            raise ValueError(f"precision int8: checkpoint {self.name!r} carries no int8 graph "
+                             "(python -m jobs.quantize makes one)")
+        self.precision, self.dtype = "int8", torch.float32
+        self.model = OnnxNetwork(self.checkpoint.int8_graph, threads=torch.get_num_threads())
 
     @torch.inference_mode()
     def _keep_bf16_only_if_faster(self) -> None:
@@ -130,6 +151,22 @@ class Predictor:
         bf16_seconds = _seconds_per_batch(self.model, sample.to(torch.bfloat16))
         if _seconds_per_batch(fp32, sample) < BF16_MARGIN * bf16_seconds:
             self.precision, self.dtype, self.model = "fp32", torch.float32, fp32
+
+    @torch.inference_mode()
+    def _take_int8_if_faster(self) -> None:
+        """Time one batch through the checkpoint's int8 graph and through the float network chosen
+        so far, and switch to int8 only when the float one takes INT8_MARGIN times as long or more.
+
+        int8 changes about one answer in a hundred, near class boundaries, and leaves accuracy where
+        it was (docs/model-card.md), so it is worth it only where it is clearly faster: on CPUs
+        whose float32 arithmetic bounds throughput, not on those with fast bf16.
+        """
+        ckpt = self.checkpoint
+        sample = torch.zeros(TIMING_BATCH, ckpt.channels, ckpt.input_size, ckpt.input_size)
+        int8 = OnnxNetwork(ckpt.int8_graph, threads=torch.get_num_threads())
+        int8_seconds = _seconds_per_batch(int8, sample)
+        if _seconds_per_batch(self.model, sample.to(self.dtype)) >= INT8_MARGIN * int8_seconds:
+            self.precision, self.dtype, self.model = "int8", torch.float32, int8
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -187,12 +224,15 @@ class Predictor:
         return results
 
 
-def _micro_batched(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    step = CPU_MICRO_BATCH if batch.device.type == "cpu" else max(len(batch), 1)
+def _micro_batched(model: nn.Module | OnnxNetwork, batch: torch.Tensor) -> torch.Tensor:
+    """`model(batch)`, through PyTorch on the CPU in slices of CPU_MICRO_BATCH; ONNX Runtime takes
+    the batch whole, its int8 kernels running faster on larger ones (docs/benchmarks.md, "int8")."""
+    cut = batch.device.type == "cpu" and isinstance(model, nn.Module)
+    step = CPU_MICRO_BATCH if cut else max(len(batch), 1)
     return torch.cat([model(batch[i : i + step]) for i in range(0, len(batch), step)])
 
 
-def _seconds_per_batch(model: nn.Module, batch: torch.Tensor, repeats: int = 3) -> float:
+def _seconds_per_batch(model: nn.Module | OnnxNetwork, batch: torch.Tensor, repeats: int = 3) -> float:
     """The fastest of `repeats` timed passes, after one untimed pass that warms caches and kernels."""
     _micro_batched(model, batch)
     timings = []

@@ -35,6 +35,7 @@ from emotion.evaluation.report import render_html, with_crops
 from emotion.evaluation.sets import LabelledSet, join_truth, read_labelled_set, set_result
 from emotion.explain import Explainer
 from emotion.faces import FaceConfig, FaceFinder
+from emotion.predictor import PRECISIONS
 from emotion.uris import absolute_uri, filesystem
 from jobs.common import UsageError, start
 from jobs.conf import CONF_DIR, apply_defaults
@@ -116,8 +117,8 @@ def build_parser(conf: str = "evaluate") -> argparse.ArgumentParser:
     parser.add_argument("--faces", help="whole: each image is one face; detect: a photo counts as its largest face; "
                         "auto: whole for images about the model's input size, detect otherwise")
     parser.add_argument("--face-config", help="face detector and framing YAML (default: conf/faces.yaml)")
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"))
-    parser.add_argument("--backend", help="torch, or onnxruntime (the checkpoint's ONNX graph; float32 on CPU only)")
+    parser.add_argument("--precision", choices=PRECISIONS)
+    parser.add_argument("--backend", help="torch, or onnxruntime (the checkpoint's ONNX graph, on the CPU only)")
     parser.add_argument("--device", help="torch device for inference (default: cuda when given GPUs)")
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
     apply_defaults(parser, "evaluate")

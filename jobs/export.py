@@ -68,25 +68,38 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    graph = export_bytes(checkpoint, args.opset)
-    difference = max_difference(checkpoint, graph)
-    if difference > TOLERANCE:
-        print(f"error: ONNX Runtime's logits differ from PyTorch's by up to {difference:.2e} "
-              f"(tolerance {TOLERANCE:.0e}); nothing written", file=sys.stderr)
+    try:
+        graph, check = checked_graph(checkpoint, args.opset, faces)
+    except ExportRefused as exc:
+        print(f"error: {exc}; nothing written", file=sys.stderr)
         return 1
-    check = f"max |logit difference| against PyTorch float32 {difference:.2e}"
-    if faces is not None:
-        float_graph, graph = graph, quantized_bytes(graph, faces)
-        agreed = agreement(float_graph, graph, faces)
-        if agreed < MIN_AGREEMENT:
-            print(f"error: the int8 graph keeps float32's top class for {agreed:.1%} of the {len(faces)} "
-                  f"calibration faces (at least {MIN_AGREEMENT:.0%} needed); nothing written", file=sys.stderr)
-            return 1
-        check = f"int8, calibrated on {len(faces)} faces; float32's top class kept for {agreed:.1%} of them"
     with fsspec.open(args.output, "wb") as f:
         f.write(graph)
     print(f"wrote {args.output}: {checkpoint.name or checkpoint.arch}, opset {args.opset}, dynamic batch axis; {check}")
     return 0
+
+
+class ExportRefused(Exception):
+    """A graph that does not compute what the checkpoint's network computes, closely enough."""
+
+
+def checked_graph(checkpoint: Checkpoint, opset: int, faces: np.ndarray | None = None) -> tuple[bytes, str]:
+    """The checkpoint's network as an ONNX graph, quantized to int8 on `faces` when given, and a
+    line saying how it was checked; ExportRefused when ONNX Runtime's float32 logits differ from
+    PyTorch's or the int8 graph changes too many of float32's answers on its calibration faces."""
+    graph = export_bytes(checkpoint, opset)
+    difference = max_difference(checkpoint, graph)
+    if difference > TOLERANCE:
+        raise ExportRefused(f"ONNX Runtime's logits differ from PyTorch's by up to {difference:.2e} "
+                            f"(tolerance {TOLERANCE:.0e})")
+    if faces is None:
+        return graph, f"max |logit difference| against PyTorch float32 {difference:.2e}"
+    quantized = quantized_bytes(graph, faces)
+    agreed = agreement(graph, quantized, faces)
+    if agreed < MIN_AGREEMENT:
+        raise ExportRefused(f"the int8 graph keeps float32's top class for {agreed:.1%} of the {len(faces)} "
+                            f"calibration faces (at least {MIN_AGREEMENT:.0%} needed)")
+    return quantized, f"int8, calibrated on {len(faces)} faces; float32's top class kept for {agreed:.1%} of them"
 
 
 def calibration_faces(checkpoint: Checkpoint, uri: str, limit: int) -> np.ndarray:

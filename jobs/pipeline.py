@@ -26,7 +26,7 @@ from ray.data import ActorPoolStrategy
 
 from emotion.checkpoint import Checkpoint
 from emotion.faces import FACE_MODES, FaceConfig, detector_names, load_face_config
-from emotion.predictor import BACKENDS, Predictor, prediction_columns
+from emotion.predictor import BACKENDS, PRECISIONS, Predictor, prediction_columns
 from emotion.uris import strip_scheme
 from jobs.common import UsageError
 from jobs.conf import CONF_DIR
@@ -55,13 +55,17 @@ class PipelineConfig:
     preprocess_tasks: int | None
     device: str | None
     precision: str
-    # torch | onnxruntime (emotion.predictor.BACKENDS); onnxruntime: float32 on CPU only.
+    # torch | onnxruntime (emotion.predictor.BACKENDS); onnxruntime: float32 or int8 on CPU only.
     backend: str
     max_pixels: int
     # whole | detect | auto (emotion.faces.FACE_MODES); a set in jobs.evaluate may choose its own.
     faces: str
     # A face config file; None: the project's conf/faces.yaml.
     face_config: str | None
+
+
+# What "auto" settles to; a resumed run keeps the one it started with.
+SETTLED_PRECISIONS = tuple(p for p in PRECISIONS if p != "auto")
 
 
 def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
@@ -101,16 +105,17 @@ def settled_precision(args: argparse.Namespace, checkpoint: Checkpoint, resumed:
     actors is settled here, once, in the driver.
 
     Left to each actor, "auto" would be timed by each one under the others' load, and actors near
-    the margin could choose differently and mix bf16 and float32 rows in one output. A partial
+    a margin could choose differently and mix bf16, float32 and int8 rows in one output. A partial
     run being resumed (`resumed`: its run record) keeps the precision it started with. GPU actors
     keep "auto": there it follows the device's bf16 support, the same on every actor.
     """
-    if args.precision != "auto" or args.backend != "torch" or args.gpus_per_actor > 0 \
-            or (args.device is not None and args.device != "cpu"):
+    if args.precision == "int8" and not checkpoint.int8_graph:
+        raise UsageError("--precision int8: the model carries no int8 graph (python -m jobs.quantize makes one)")
+    if args.precision != "auto" or args.gpus_per_actor > 0 or (args.device is not None and args.device != "cpu"):
         return args.precision
-    if resumed is not None and resumed.get("precision") in ("bf16", "fp32"):
+    if resumed is not None and resumed.get("precision") in SETTLED_PRECISIONS:
         return resumed["precision"]
-    return Predictor(checkpoint, device="cpu", precision="auto").precision
+    return Predictor(checkpoint, device="cpu", precision="auto", backend=args.backend).precision
 
 
 def settled_config(args: argparse.Namespace, checkpoint: Checkpoint, resumed: dict[str, Any] | None = None
@@ -120,17 +125,16 @@ def settled_config(args: argparse.Namespace, checkpoint: Checkpoint, resumed: di
 
 
 def check_backend(backend: str, precision: str, gpus_per_actor: float, device: str | None) -> None:
-    """Refuse, in one line before any work, a backend the actors' Predictor would refuse in every
-    actor: onnxruntime runs float32 on the CPU only."""
+    """Refuse, in one line before any work, a backend and precision the actors' Predictor would
+    refuse in every actor: ONNX Runtime and int8 run on the CPU only, and onnxruntime has no bf16."""
     if backend not in BACKENDS:
         raise UsageError(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
-    if backend != "onnxruntime":
-        return
-    if precision not in ("auto", "fp32"):
-        raise UsageError(f"--backend onnxruntime runs float32 on the CPU: --precision {precision} is not possible "
-                         "(use auto or fp32)")
-    if gpus_per_actor > 0 or (device is not None and device != "cpu"):
-        raise UsageError("--backend onnxruntime runs on the CPU only: drop --gpus-per-actor and --device "
+    if backend == "onnxruntime" and precision == "bf16":
+        raise UsageError("--backend onnxruntime runs float32 or int8: --precision bf16 is not possible "
+                         "(use auto, fp32 or int8)")
+    if (backend == "onnxruntime" or precision == "int8") and (gpus_per_actor > 0 or (device not in (None, "cpu"))):
+        what = "--backend onnxruntime" if backend == "onnxruntime" else "--precision int8"
+        raise UsageError(f"{what} runs on the CPU only: drop --gpus-per-actor and --device "
                          f"(got {gpus_per_actor:g} GPUs per actor, device {device or 'default'})")
 
 

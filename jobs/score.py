@@ -29,6 +29,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from emotion.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, CheckpointError, load_checkpoint_file
 from emotion.folders import list_images
+from emotion.predictor import PRECISIONS
 from emotion.uris import absolute_uri, arrow_filesystem, filesystem, join, strip_scheme
 from jobs.common import UsageError, start
 from jobs.conf import apply_defaults
@@ -102,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preprocess-cpus", type=float, help="CPUs per decoding task")
     parser.add_argument("--preprocess-tasks", type=int, help="cap on concurrent decoding tasks")
     parser.add_argument("--max-pixels", type=int, help="larger images are error rows, refused before decoding")
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"))
-    parser.add_argument("--backend", help="torch, or onnxruntime (the checkpoint's ONNX graph; float32 on CPU only)")
+    parser.add_argument("--precision", choices=PRECISIONS)
+    parser.add_argument("--backend", help="torch, or onnxruntime (the checkpoint's ONNX graph, on the CPU only)")
     parser.add_argument("--device", help="torch device for inference (default: cuda when given GPUs)")
     parser.add_argument("--limit", type=int, help="score only the first N files (dry runs)")
     parser.add_argument("--faces", help="whole: each image is one face; detect: every face found; "

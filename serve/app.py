@@ -46,7 +46,7 @@ import emotion
 from emotion.checkpoint import load_checkpoint
 from emotion.explain import Explainer, overlay, png_bytes
 from emotion.faces import FACE_MODES, Face, FaceConfig, FaceCrop, FaceFinder, FacesInImage, load_face_config
-from emotion.predictor import BACKENDS, Predictor, pick_device, prediction_record
+from emotion.predictor import BACKENDS, PRECISIONS, Predictor, pick_device, prediction_record
 from emotion.preprocess import decode_upright
 from serve.annotate import LabelledFace, annotated_png
 from serve.batching import Batcher
@@ -188,9 +188,9 @@ class Emotion:
         # sharing a node would oversubscribe its cores (docs/benchmarks.md).
         reserved = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         torch.set_num_threads(settings.threads_per_actor or max(int(reserved), 1))
-        # ONNX Runtime runs on the CPU (build_app refuses any other device for it), so the replica
+        # ONNX Runtime and int8 run on the CPU (build_app refuses any other device for them), so the replica
         # reports what it really runs on rather than what a GPU would pick.
-        device = "cpu" if settings.backend == "onnxruntime" else settings.device
+        device = "cpu" if settings.backend == "onnxruntime" or settings.precision == "int8" else settings.device
         self.device = pick_device(device)
         self.loaded: dict[str, _Resident] = {}
         face_config = load_face_config(settings.face_config or DEFAULT_FACE_CONFIG)
@@ -503,11 +503,16 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         raise ValueError(f"faces {settings.faces!r} is not one of {', '.join(FACE_MODES)}")
     if settings.backend not in BACKENDS:
         raise ValueError(f"backend {settings.backend!r} is not one of {', '.join(BACKENDS)}")
-    if settings.backend == "onnxruntime" and (settings.precision not in ("auto", "fp32")
-                                              or settings.device not in (None, "cpu")):
-        raise ValueError(f"backend onnxruntime runs float32 on the CPU: precision must be auto or fp32 "
-                         f"(not {settings.precision!r}) and device null or cpu (not {settings.device!r})")
+    if settings.precision not in PRECISIONS:
+        raise ValueError(f"precision {settings.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if settings.backend == "onnxruntime" and (settings.precision == "bf16" or settings.device not in (None, "cpu")):
+        raise ValueError(f"backend onnxruntime runs float32 or int8 on the CPU: precision must be auto, fp32 or "
+                         f"int8 (not {settings.precision!r}) and device null or cpu (not {settings.device!r})")
+    if settings.precision == "int8" and settings.device not in (None, "cpu"):
+        raise ValueError(f"precision int8 runs on the CPU only: device must be null or cpu (not {settings.device!r})")
     load_face_config(settings.face_config or DEFAULT_FACE_CONFIG)
-    for path in settings.models.values():
-        load_checkpoint(path)
+    for name, path in settings.models.items():
+        if not load_checkpoint(path).int8_graph and settings.precision == "int8":
+            raise ValueError(f"precision int8: model {name!r} ({path}) carries no int8 graph "
+                             "(python -m jobs.quantize makes one)")
     return Emotion.bind(settings)

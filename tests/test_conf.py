@@ -7,7 +7,7 @@ import yaml
 
 from emotion.preprocess import DEFAULT_MAX_PIXELS
 from emotion.training.config import RunOptions, TrainConfig
-from jobs import calibrate, ensemble, evaluate, export, score, train
+from jobs import calibrate, ensemble, evaluate, export, quantize, score, train
 from jobs.conf import CONF_DIR, read_defaults
 from jobs.pipeline import PipelineConfig, pipeline_config
 from serve.app import Settings
@@ -19,6 +19,7 @@ PARSERS = {
     "export": export.build_parser,
     "ensemble": ensemble.build_parser,
     "calibrate": calibrate.build_parser,
+    "quantize": quantize.build_parser,
 }
 PIPELINES = ("score", "evaluate")
 # Flags that choose what to run rather than how: no default to keep anywhere.

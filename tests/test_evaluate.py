@@ -162,8 +162,8 @@ def test_onnxruntime_with_bf16_fails_before_any_work(tmp_path, tiny_checkpoint_p
     result = run_cli("--input", f"ck={tmp_path / 'set'}", "--output", str(tmp_path / "out"),
                      "--model", str(tiny_checkpoint_path), "--backend", "onnxruntime", "--precision", "bf16")
     assert result.returncode == 2
-    assert result.stderr.strip() == ("error: --backend onnxruntime runs float32 on the CPU: --precision bf16 is not "
-                                     "possible (use auto or fp32)")
+    assert result.stderr.strip() == ("error: --backend onnxruntime runs float32 or int8: --precision bf16 is not "
+                                     "possible (use auto, fp32 or int8)")
     assert not (tmp_path / "out").exists()
 
 

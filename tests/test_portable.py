@@ -62,7 +62,7 @@ def test_a_torchvision_architecture_exports_and_matches():
 
 def test_onnxruntime_backend_gives_the_torch_probabilities_with_mirroring_and_temperature():
     torch_fp32 = Predictor(precision="fp32")
-    onnx = Predictor(backend="onnxruntime")
+    onnx = Predictor(backend="onnxruntime", precision="fp32")
     assert onnx.checkpoint.test_time_flip and onnx.checkpoint.temperature != 1.0
     pixels = faces(70)
     assert np.abs(onnx.predict_pixels(pixels) - torch_fp32.predict_pixels(pixels)).max() < 1e-4
@@ -72,7 +72,7 @@ def test_onnxruntime_backend_gives_the_torch_probabilities_with_mirroring_and_te
 def test_backend_choices_are_checked():
     with pytest.raises(ValueError, match="backend must be one of torch, onnxruntime"):
         Predictor(tiny_checkpoint(), backend="tensorrt")
-    with pytest.raises(ValueError, match="float32 on the CPU"):
+    with pytest.raises(ValueError, match="float32 or int8 on the CPU"):
         Predictor(tiny_checkpoint(), backend="onnxruntime", precision="bf16")
 
 

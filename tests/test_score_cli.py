@@ -44,10 +44,16 @@ def faces(tmp_path):
         (["--faces", "some"], "error: --faces some: expected one of whole, detect, auto"),
         (["--backend", "tensorrt"], "error: --backend tensorrt: expected one of torch, onnxruntime"),
         (["--backend", "onnxruntime", "--precision", "bf16"],
-         "error: --backend onnxruntime runs float32 on the CPU: --precision bf16 is not possible (use auto or fp32)"),
+         "error: --backend onnxruntime runs float32 or int8: --precision bf16 is not possible "
+         "(use auto, fp32 or int8)"),
         (["--backend", "onnxruntime", "--gpus-per-actor", "1"],
          "error: --backend onnxruntime runs on the CPU only: drop --gpus-per-actor and --device "
          "(got 1 GPUs per actor, device default)"),
+        (["--precision", "int8", "--device", "cuda"],
+         "error: --precision int8 runs on the CPU only: drop --gpus-per-actor and --device "
+         "(got 0 GPUs per actor, device cuda)"),
+        (["--precision", "int8"],
+         "error: --precision int8: the model carries no int8 graph (python -m jobs.quantize makes one)"),
     ],
 )
 def test_bad_flags_fail_fast_with_one_line(tmp_path, faces, tiny_checkpoint_path, args, message):

@@ -35,7 +35,7 @@ def service(ray_cluster, tmp_path_factory):
     config = serve_config(auth_token=TOKEN, precision="fp32", max_upload_bytes=UPLOAD_LIMIT)
     onnx = copy.deepcopy(config["applications"][0])
     onnx.update(name="onnx", route_prefix="/onnx")
-    onnx["args"].update(backend="onnxruntime", precision="auto")
+    onnx["args"].update(backend="onnxruntime", precision="fp32")
     config["applications"].append(onnx)
     with deployed(ray_cluster, config, folder) as url:
         wait_ready(url + "/onnx")
@@ -186,7 +186,7 @@ def test_the_onnxruntime_backend_answers_as_onnx_runtime_does_outside_serve(serv
     photo = png(three_faces())
     response = post(service + "/onnx", photo, path="/predict", query="?faces=detect")
     assert response.status_code == 200, response.text
-    onnx = Predictor(None, backend="onnxruntime")
+    onnx = Predictor(None, backend="onnxruntime", precision="fp32")
     probs = onnx.predict_pixels(expected.crops(photo, "detect"))
     faces = response.json()["faces"]
     assert len(faces) == len(probs) == 3
@@ -199,8 +199,10 @@ def test_the_onnxruntime_backend_answers_as_onnx_runtime_does_outside_serve(serv
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"backend": "onnxruntime", "precision": "bf16"}, "backend onnxruntime runs float32 on the CPU"),
-    ({"backend": "onnxruntime", "device": "cuda"}, "backend onnxruntime runs float32 on the CPU"),
+    ({"backend": "onnxruntime", "precision": "bf16"}, "backend onnxruntime runs float32 or int8 on the CPU"),
+    ({"backend": "onnxruntime", "device": "cuda"}, "backend onnxruntime runs float32 or int8 on the CPU"),
+    ({"precision": "int8", "device": "cuda"}, "precision int8 runs on the CPU only"),
+    ({"precision": "half"}, "precision 'half' is not one of auto, bf16, fp32, int8"),
     ({"backend": "tensorrt"}, "backend 'tensorrt' is not one of torch, onnxruntime"),
 ])
 def test_a_backend_with_a_precision_or_device_it_cannot_run_is_refused_at_startup(change, message):

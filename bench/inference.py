@@ -3,15 +3,15 @@ at a time.
 
 Prints images/s for the Predictor as shipped (torch, precision "auto", mirroring only the images
 the first pass is unsure of, labelled with the precision "auto" chose here) and, side by side,
-for mirroring every image, for no mirroring, for bf16 and float32 forced, and for the ONNX
-Runtime backend (float32; with the onnx extra installed), so the cost of each choice is visible.
+for mirroring every image, for no mirroring, for bf16, float32 and int8 forced (int8 when the
+checkpoint carries its graph), and for the ONNX Runtime backend in float32, so the cost of each
+choice is visible.
 Real faces, not noise: how many images get the second pass depends on what the model sees.
 
     python bench/inference.py [--faces DIR] [--model PATH] [--batch-size 256] [--seconds 10]
 """
 
 import argparse
-import importlib.util
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -72,13 +72,18 @@ def main() -> None:
         ("fp32, shipped", Predictor(args.model, device="cpu", precision="fp32")),
         ("fp32, no mirroring", Predictor(args.model, device="cpu", precision="fp32", flip_margin=0)),
     ]
-    if importlib.util.find_spec("onnxruntime"):
+    if shipped.checkpoint.int8_graph:
         configurations += [
-            ("onnxruntime, shipped", Predictor(args.model, device="cpu", backend="onnxruntime")),
-            ("onnxruntime, no mirroring", Predictor(args.model, device="cpu", backend="onnxruntime", flip_margin=0)),
+            ("int8, shipped", Predictor(args.model, device="cpu", precision="int8")),
+            ("int8, no mirroring", Predictor(args.model, device="cpu", precision="int8", flip_margin=0)),
         ]
     else:
-        print("onnxruntime not installed (pip install -e '.[onnx]'): its rows are left out")
+        print("the checkpoint carries no int8 graph (python -m jobs.quantize): its rows are left out")
+    configurations += [
+        ("onnxruntime, shipped", Predictor(args.model, device="cpu", backend="onnxruntime", precision="fp32")),
+        ("onnxruntime, no mirroring", Predictor(args.model, device="cpu", backend="onnxruntime", precision="fp32",
+                                                flip_margin=0)),
+    ]
     # The mirroring decision reads the first pass's softmax before any temperature.
     first_pass = np.sort(torch.softmax(configurations[2][1].predict_logits(faces), dim=1).numpy(), axis=1)
     mirrored = float(np.mean(first_pass[:, -1] - first_pass[:, -2] < shipped.flip_margin))
@@ -87,7 +92,7 @@ def main() -> None:
     rows = []
     for name, predictor in configurations:
         # The first rows run precision "auto": they show what it chose on this host.
-        label = f"{name} ({predictor.precision})" if not name.startswith(("bf16", "fp32", "onnx")) else name
+        label = f"{name} ({predictor.precision})" if not name.startswith(("bf16", "fp32", "int8", "onnx")) else name
         batched = images_per_second(predictor.predict_pixels, faces, batch_size, args.seconds)
         single = images_per_second(predictor.predict_pixels, faces, 1, args.seconds / 2)
         rows.append((label, batched, single))

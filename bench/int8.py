@@ -6,14 +6,15 @@ Predictor's network, batch norms folded), ONNX Runtime float32 and ONNX Runtime 
 each called as the Predictor calls its network (channels-last batches cut into micro-batches):
 accuracy and macro-F1 with every face mirrored too (logits averaged) and alone, the share of faces
 given float32's top class, and images/s batched for the network alone (one pass per face); then
-whole Predictors from decoded pixels, mirroring where unsure as shipped, the int8 graph swapped
-into the onnxruntime backend's place (the Predictor has no int8 setting yet).
+whole Predictors from decoded pixels, mirroring where unsure as shipped, the int8 one carrying
+that graph as `python -m jobs.quantize` stores it and run with precision int8.
 
     python bench/int8.py [--model CKPT] [--calibration DIR] [--calibration-images 512] [--seconds 5]
 """
 
 import argparse
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 from inference import images_per_second
 from sklearn.metrics import accuracy_score, f1_score
 
+from emotion.checkpoint import weights_digest
 from emotion.flip import flip_averaged_logits
 from emotion.folders import list_labelled_images, read_many
 from emotion.portable import OnnxNetwork, export_bytes, quantized_bytes
@@ -88,14 +90,12 @@ def main() -> None:
         same = float((alone.argmax(1) == reference).float().mean())
         print(f"{name:<20}{cells[0]:>16}{cells[1]:>16}{same:>14.1%}{speed:>10.0f}{speed / rows[0]:>9.2f}x", flush=True)
 
-    # Whole Predictors from decoded pixels, mirroring where unsure as shipped: the int8 one is the
-    # onnxruntime backend with the int8 graph put in place of its float32 graph, which is what a
-    # Predictor running int8 would do, measured rather than estimated from the network's rate.
+    # Whole Predictors from decoded pixels, mirroring where unsure as shipped.
     pixels = np.stack([d.pixels for d in decoded])
-    quantized = Predictor(args.model, device="cpu", backend="onnxruntime")
-    quantized.model = OnnxNetwork(int8, threads=threads)
-    predictors = [("torch fp32", predictor), ("onnxruntime fp32", Predictor(args.model, device="cpu",
-                  backend="onnxruntime")), ("onnxruntime int8", quantized)]
+    quantized = replace(checkpoint, int8_graph=int8, int8_weights=weights_digest(checkpoint.state_dict))
+    predictors = [("torch fp32", predictor),
+                  ("onnxruntime fp32", Predictor(checkpoint, device="cpu", backend="onnxruntime", precision="fp32")),
+                  ("int8", Predictor(quantized, device="cpu", precision="int8"))]
     print(f"{'Predictor, as shipped':<24}{'accuracy / F1':>16}{'images/s':>10}{'vs torch':>10}")
     rates = []
     for name, whole in predictors:

@@ -17,9 +17,10 @@ from ray.data.block import BlockAccessor
 from emotion.faces import FaceFinder, load_face_config
 from emotion.labels import LABELS
 from emotion.preprocess import decode_image
+from jobs.common import UsageError
 from jobs.decoding import ImageFiles, find_faces
 from jobs.pipeline import ProgressCounter, ScoreBatch, output_schema, score_files, settled_precision
-from tests.conftest import pipeline, tiny_checkpoint
+from tests.conftest import pipeline, tiny_checkpoint, with_int8_graph
 from tests.images import encode, jpeg
 from tests.services import ROOT
 from tests.test_faces import CONF, PLACED, SIDE, three_faces
@@ -151,3 +152,9 @@ def test_auto_precision_is_settled_once_in_the_driver_for_cpu_actors():
     assert settled_precision(args(), checkpoint, {"precision": "auto"}) in ("bf16", "fp32")
     assert settled_precision(args(gpus_per_actor=1), checkpoint) == "auto", "GPU actors agree by device"
     assert settled_precision(args(backend="onnxruntime"), checkpoint) == "fp32", "the tiny model has no int8 graph"
+    with pytest.raises(UsageError, match="--precision int8: the model carries no int8 graph"):
+        settled_precision(args(precision="int8"), checkpoint)
+    quantized = with_int8_graph(checkpoint)
+    assert settled_precision(args(precision="int8"), quantized) == "int8"
+    assert settled_precision(args(), quantized) in ("bf16", "fp32", "int8")
+    assert settled_precision(args(), quantized, {"precision": "int8"}) == "int8", "a resumed run keeps its arithmetic"

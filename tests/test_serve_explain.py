@@ -1,7 +1,8 @@
 """`POST /explain` and the onnxruntime backend over real HTTP against Ray Serve (marked slow): the
 /predict answer with each face's Grad-CAM overlay, the class asked with `?target=`, the overlay
-alone with `Accept: image/png`, the same token and limits as /predict; a deployment running the
-embedded model in ONNX Runtime. A backend with a precision it cannot run is refused in-process."""
+alone with `Accept: image/png`, the same token and limits as /predict; deployments running the
+embedded model in ONNX Runtime and in int8. A backend with a precision it cannot run, and int8 for
+a model without its int8 graph, are refused in-process."""
 
 import base64
 import copy
@@ -30,15 +31,20 @@ UPLOAD_LIMIT = 1_000_000
 
 @pytest.fixture(scope="module")
 def service(ray_cluster, tmp_path_factory):
-    """The embedded model behind a token in float32 at `/`, and the same in ONNX Runtime at `/onnx`."""
+    """The embedded model behind a token in float32 at `/`, the same in ONNX Runtime at `/onnx`, and
+    its int8 graph at `/int8`."""
     folder = tmp_path_factory.mktemp("serve-explain")
     config = serve_config(auth_token=TOKEN, precision="fp32", max_upload_bytes=UPLOAD_LIMIT)
     onnx = copy.deepcopy(config["applications"][0])
     onnx.update(name="onnx", route_prefix="/onnx")
     onnx["args"].update(backend="onnxruntime", precision="fp32")
-    config["applications"].append(onnx)
+    int8 = copy.deepcopy(config["applications"][0])
+    int8.update(name="int8", route_prefix="/int8")
+    int8["args"].update(precision="int8")
+    config["applications"] += [onnx, int8]
     with deployed(ray_cluster, config, folder) as url:
         wait_ready(url + "/onnx")
+        wait_ready(url + "/int8")
         yield url
 
 
@@ -198,6 +204,21 @@ def test_the_onnxruntime_backend_answers_as_onnx_runtime_does_outside_serve(serv
     assert httpx.get(service + "/models", headers=AUTH).json()["backend"] == "torch"
 
 
+@pytest.mark.slow
+def test_precision_int8_answers_as_the_int8_predictor_does_outside_serve(service, expected):
+    photo = png(three_faces())
+    response = post(service + "/int8", photo, path="/predict", query="?faces=detect")
+    assert response.status_code == 200, response.text
+    int8 = Predictor(None, precision="int8")
+    probs = int8.predict_pixels(expected.crops(photo, "detect"))
+    faces = response.json()["faces"]
+    assert len(faces) == len(probs) == 3
+    for face, row in zip(faces, probs, strict=True):
+        assert np.allclose([face["probabilities"][label] for label in int8.labels], row, atol=1e-4)
+    health = httpx.get(service + "/int8/health").json()
+    assert (health["backend"], set(health["precision"].values()), health["device"]) == ("torch", {"int8"}, "cpu")
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"backend": "onnxruntime", "precision": "bf16"}, "backend onnxruntime runs float32 or int8 on the CPU"),
     ({"backend": "onnxruntime", "device": "cuda"}, "backend onnxruntime runs float32 or int8 on the CPU"),
@@ -209,3 +230,9 @@ def test_a_backend_with_a_precision_or_device_it_cannot_run_is_refused_at_startu
     args = yaml.safe_load((ROOT / "conf" / "serve.yaml").read_text())["applications"][0]["args"]
     with pytest.raises(ValueError, match=message):
         build_app(args | change)
+
+
+def test_int8_for_a_model_without_its_int8_graph_is_refused_at_startup(tiny_checkpoint_path):
+    args = yaml.safe_load((ROOT / "conf" / "serve.yaml").read_text())["applications"][0]["args"]
+    with pytest.raises(ValueError, match=r"precision int8: model 'tiny' .* carries no int8 graph"):
+        build_app(args | {"precision": "int8", "models": {"tiny": str(tiny_checkpoint_path)}, "default_model": "tiny"})

@@ -168,6 +168,12 @@ def plan_job(args: argparse.Namespace) -> ScoreJob:
     try:
         check_separate(input_uri, output)
         previous = inspect_output(fs, root)
+        # First, since the backend decides which precisions "auto" can settle to.
+        if previous.record is not None and not (args.overwrite or previous.complete) \
+                and previous.record.get("backend", "torch") != args.backend:
+            raise UsageError(f"--output {args.output} holds a partial run made with --backend "
+                             f"{previous.record.get('backend', 'torch')} (now {args.backend}); rerun with the same "
+                             "backend to resume, or pass --overwrite to start again")
         pipeline = settled_config(args, checkpoint, None if args.overwrite or previous.complete else previous.record)
         record = run_record(input_uri, model_uri, model_sha256, args.limit, pipeline.precision) | {
             "faces": {"mode": args.faces, "config": asdict(faces)}, "backend": args.backend,
@@ -182,11 +188,6 @@ def plan_job(args: argparse.Namespace) -> ScoreJob:
                          f"--faces {before.get('mode')} (now {args.faces})"
                          f"{'' if before.get('config') == record['faces']['config'] else ' and another face config'}; "
                          "rerun with the same settings to resume, or pass --overwrite to start again")
-    if previous.record is not None and not (args.overwrite or previous.complete) \
-            and previous.record.get("backend", "torch") != args.backend:
-        raise UsageError(f"--output {args.output} holds a partial run made with --backend "
-                         f"{previous.record.get('backend', 'torch')} (now {args.backend}); rerun with the same "
-                         "backend to resume, or pass --overwrite to start again")
     return ScoreJob(
         input=input_uri,
         output=output,

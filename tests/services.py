@@ -125,16 +125,21 @@ def wait_for_rows(folder: Path, timeout: float) -> int:
 
 
 def _stop_group(process: subprocess.Popen) -> None:
-    """SIGTERM a process group, SIGKILL it if it lingers."""
+    """SIGTERM a process group, SIGKILL it if it lingers: `ray start --block` outlives a SIGTERM
+    by more than 30 s here, and the test is done with its node either way."""
     os.killpg(process.pid, signal.SIGTERM)
     try:
-        process.wait(timeout=30)
+        process.wait(timeout=5)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
 
 
 @contextmanager
-def ray_head(num_cpus: int = 2) -> Iterator[RayHead]:
+def ray_head(num_cpus: int = 2, **settings: str) -> Iterator[RayHead]:
+    """A head with conf/serve.env's settings, as cluster.yaml starts one, and `settings` (Ray's
+    environment variables) besides. Serve's replicas and proxies here drain for (almost) no
+    minimum period on shutdown: with HAProxy on, Ray holds each 30 s for load balancers to
+    notice, and nothing balances load in front of a test's cluster."""
     ports = free_ports(10)
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     command = [
@@ -146,7 +151,9 @@ def ray_head(num_cpus: int = 2) -> Iterator[RayHead]:
         f"--node-manager-port={ports[6]}", f"--object-manager-port={ports[7]}",
         f"--ray-client-server-port={ports[8]}",
     ]
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **serving_env())
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **serving_env(),
+               RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="0", RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S="0.1",
+               **settings)
     log = open(Path(temp_dir) / "head.log", "w")  # noqa: SIM115 - lives as long as the head
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                start_new_session=True)

@@ -78,13 +78,19 @@ def read_csv(path) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow
-def test_an_interrupted_run_resumes_at_its_next_epoch_and_matches_an_uninterrupted_one(tmp_path):
-    """With mixing on, whose draws come from the checkpointed generator as the augmentation's do."""
+def test_an_interrupted_run_resumes_at_its_next_epoch_and_matches_an_uninterrupted_one(tmp_path, monkeypatch):
+    """With mixing on, whose draws come from the checkpointed generator as the augmentation's do;
+    the two halves are logged to MLflow as one run, with the recipe, every epoch and the model."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     synthetic_faces(tmp_path / "train")
     mixing = json.dumps({"fraction": 0.5, "mixup_alpha": 0.4, "cutmix_alpha": 1.0})
+    store = tmp_path / "mlruns"
 
     def train(folder, *extra: str) -> subprocess.CompletedProcess:
-        return train_tiny(folder, "--mixing", mixing, *extra)
+        return train_tiny(folder, "--mixing", mixing, "--mlflow-uri", str(store), "--mlflow-experiment",
+                          folder.name, *extra)
 
     first = train(tmp_path, "--epochs", "3", "--epochs-this-run", "1")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -107,6 +113,17 @@ def test_an_interrupted_run_resumes_at_its_next_epoch_and_matches_an_uninterrupt
     interrupted = read_csv(metrics)
     assert [row["epoch"] for row in interrupted] == ["1", "2", "3"]
     assert list(interrupted[0]) == list(CSV_COLUMNS)
+    assert "logged to MLflow" in resumed.stdout
+    client = mlflow.tracking.MlflowClient(tracking_uri=store.as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name(tmp_path.name).experiment_id])
+    assert run.data.params["lr"] == str(read_defaults("train")["lr"]) and run.data.params["epochs"] == "3"
+    assert json.loads(run.data.params["arch_kwargs"]) == {"widths": [8, 16], "depth": 2}
+    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert sorted(point.step for point in history) == [1, 2, 3]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert artifacts == {"model/model.pt", "model/model-card.md"}
+    card = Path(client.download_artifacts(run.info.run_id, "model/model-card.md", str(tmp_path))).read_text()
+    assert card.startswith("# Model card: resumable") and "| angry |" in card
 
     (tmp_path / "straight").mkdir()
     (tmp_path / "straight" / "train").symlink_to(tmp_path / "train")
@@ -338,34 +355,6 @@ def test_shifts_fill_the_uncovered_edge_as_asked(padding_mode, numpy_mode):
         assert matches, "the whole image, edges included, is a padded and shifted input"
         shifted += matches[0] != (4, 4)
     assert shifted > len(x) / 2
-
-
-@pytest.mark.slow
-def test_mlflow_records_one_run_across_a_resume_with_params_metrics_and_artifacts(tmp_path, monkeypatch):
-    mlflow = pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    synthetic_faces(tmp_path / "train", per_class=6)
-    store = tmp_path / "mlruns"
-    command = [sys.executable, "-m", "jobs.train", "--train", str(tmp_path / "train"),
-               "--output", str(tmp_path / "model.pt"), "--epochs", "3", "--batch-size", "16",
-               "--arch-kwargs", json.dumps({"widths": [8, 16], "depth": 2}), "--val-fraction", "0.25",
-               "--storage", str(tmp_path / "runs"), "--name", "tracked", "--mlflow-uri", str(store),
-               "--mlflow-experiment", "tests"]
-    env = dict(os.environ, RAY_ADDRESS="local")
-    for extra in (["--epochs-this-run", "2"], ["--resume"]):
-        result = subprocess.run([*command, *extra], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "logged to MLflow" in result.stdout
-    client = mlflow.tracking.MlflowClient(tracking_uri=store.as_uri())
-    (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
-    assert run.data.params["lr"] == str(read_defaults("train")["lr"]) and run.data.params["epochs"] == "3"
-    assert json.loads(run.data.params["arch_kwargs"]) == {"widths": [8, 16], "depth": 2}
-    history = client.get_metric_history(run.info.run_id, "val_accuracy")
-    assert sorted(point.step for point in history) == [1, 2, 3]
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
-    assert artifacts == {"model/model.pt", "model/model-card.md"}
-    card = Path(client.download_artifacts(run.info.run_id, "model/model-card.md", str(tmp_path))).read_text()
-    assert card.startswith("# Model card: tracked") and "| angry |" in card
 
 
 def test_a_run_folder_without_a_checkpoint_records_no_recipe(tmp_path):

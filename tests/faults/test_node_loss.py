@@ -26,7 +26,10 @@ def test_job_finishes_exactly_once_after_a_worker_node_is_killed(tmp_path):
     model = tmp_path / "tiny.pt"
     save_checkpoint(tiny_checkpoint(name="tiny"), model)
     out = tmp_path / "out"
-    with ray_head(num_cpus=1) as head, ray_worker(head, num_cpus=1) as worker:
+    # The head declares a silent node dead after 3 missed checks a second apart (Ray's default:
+    # 5 every 3 s), so the test waits on recovery rather than on noticing the loss.
+    with ray_head(num_cpus=1, RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3") as head, \
+            ray_worker(head, num_cpus=1) as worker:
         args = ["python", "-m", "jobs.score", "--input", str(folder), "--output", str(out), "--model", str(model),
                 "--batch-size", "100", "--files-per-block", "200", "--rows-per-file", "200"]
         job_id = head.start_job(*args)

@@ -85,7 +85,7 @@ def test_stalled_job_fails_and_says_what_waits(tmp_path, model_path):
     started = time.monotonic()
     # No GPU here: the actor can never be placed, as when a cluster cannot grow to what was asked.
     result = score("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model", str(model_path),
-                   "--gpus-per-actor", "1", "--stall-timeout", "20", "--progress-interval", "5", timeout=300)
+                   "--gpus-per-actor", "1", "--stall-timeout", "10", "--progress-interval", "2", timeout=300)
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: stalled: no row scored for "), result.stderr[-3000:]

@@ -12,6 +12,7 @@ Real faces, not noise: how many images get the second pass depends on what the m
 """
 
 import argparse
+import importlib.util
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -79,11 +80,14 @@ def main() -> None:
         ]
     else:
         print("the checkpoint carries no int8 graph (python -m jobs.quantize): its rows are left out")
-    configurations += [
-        ("onnxruntime, shipped", Predictor(args.model, device="cpu", backend="onnxruntime", precision="fp32")),
-        ("onnxruntime, no mirroring", Predictor(args.model, device="cpu", backend="onnxruntime", precision="fp32",
-                                                flip_margin=0)),
-    ]
+    if importlib.util.find_spec("onnx"):
+        configurations += [
+            ("onnxruntime, shipped", Predictor(args.model, device="cpu", backend="onnxruntime", precision="fp32")),
+            ("onnxruntime, no mirroring", Predictor(args.model, device="cpu", backend="onnxruntime",
+                                                    precision="fp32", flip_margin=0)),
+        ]
+    else:
+        print("onnx not installed (pip install -e '.[onnx]'): the float32 onnxruntime rows are left out")
     # The mirroring decision reads the first pass's softmax before any temperature.
     first_pass = np.sort(torch.softmax(configurations[2][1].predict_logits(faces), dim=1).numpy(), axis=1)
     mirrored = float(np.mean(first_pass[:, -1] - first_pass[:, -2] < shipped.flip_margin))

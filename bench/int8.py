@@ -3,7 +3,8 @@
 Exports a checkpoint to ONNX in float32 and in int8 (calibrated on FER2013 training faces, as
 `jobs.export --int8 --calibration` does), then runs PublicTest through PyTorch float32 (the
 Predictor's network, batch norms folded), ONNX Runtime float32 and ONNX Runtime int8 side by side,
-each called as the Predictor calls its network (channels-last batches cut into micro-batches):
+each called as the Predictor calls its network (PyTorch in channels-last micro-batches, ONNX
+Runtime whole batches):
 accuracy and macro-F1 with every face mirrored too (logits averaged) and alone, the share of faces
 given float32's top class, and images/s batched for the network alone (one pass per face); then
 whole Predictors from decoded pixels, mirroring where unsure as shipped, the int8 one carrying

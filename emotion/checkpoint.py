@@ -153,11 +153,11 @@ def load_checkpoint_file(path: str | Path | None = None) -> CheckpointFile:
     return CheckpointFile(_parse(data, where), hashlib.sha256(data).hexdigest(), len(data))
 
 
-def _graph_bytes(stored: Any) -> bytes:
+def _graph_bytes(stored: Any, where: str) -> bytes:
     if stored is None:
         return b""
     if not isinstance(stored, torch.Tensor) or stored.dtype != torch.uint8 or stored.dim() != 1:
-        raise TypeError("int8_graph is not a flat uint8 tensor")
+        raise CheckpointError(f"{where}: its int8_graph is not a flat uint8 tensor")
     return stored.numpy().tobytes()
 
 
@@ -199,16 +199,11 @@ def _parse(data: bytes, where: str) -> Checkpoint:
                 "labels": tuple(payload["labels"]),
                 "mean": tuple(payload["mean"]),
                 "std": tuple(payload["std"]),
-                "int8_graph": _graph_bytes(payload.get("int8_graph")),
+                "int8_graph": _graph_bytes(payload.get("int8_graph"), where),
             }
         )
     except (KeyError, TypeError) as exc:
         raise CheckpointError(f"{where}: checkpoint is missing a field ({exc})") from None
-    if checkpoint.int8_graph and checkpoint.int8_weights != weights_digest(checkpoint.state_dict):
-        raise CheckpointError(
-            f"{where}: its int8 graph was quantized from other weights than the ones it holds; "
-            "quantize it again (python -m jobs.quantize)"
-        )
     if len(checkpoint.mean) != checkpoint.channels or len(checkpoint.std) != checkpoint.channels:
         raise CheckpointError(f"{where}: mean/std do not match {checkpoint.channels} channels")
     try:
@@ -220,4 +215,9 @@ def _parse(data: bytes, where: str) -> Checkpoint:
         raise CheckpointError(
             f"{where}: weights do not fit architecture {checkpoint.arch!r}: {reason}"
         ) from None
+    if checkpoint.int8_graph and checkpoint.int8_weights != weights_digest(checkpoint.state_dict):
+        raise CheckpointError(
+            f"{where}: its int8 graph was quantized from other weights than the ones it holds; "
+            "quantize it again (python -m jobs.quantize)"
+        )
     return checkpoint

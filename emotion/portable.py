@@ -11,8 +11,9 @@ A graph can also be quantized (`quantized_bytes`): int8 weights (7 bits used) an
 activations whose ranges are calibrated on faces, for CPUs where float32 arithmetic is the
 bottleneck. The metadata says which (`precision`: "fp32" or "int8").
 
-onnx, onnxscript and onnxruntime are an optional extra (`pip install emotion-ray[onnx]`) and are
-imported only here, when a graph is exported or run.
+onnx and onnxscript, which export and quantize, are an optional extra (`pip install
+emotion-ray[onnx]`); onnxruntime, which runs graphs, is a dependency, since checkpoints may carry
+an int8 graph. All three are imported only here, when a graph is exported or run.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ def fast_bf16(device: torch.device) -> bool:
 def resolve_precision(precision: str, device: torch.device) -> str:
     """'auto' becomes 'bf16' where it is fast and 'fp32' elsewhere; others are checked and kept."""
     if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision must be auto, bf16 or fp32, not {precision!r}")
+        raise ValueError(f"precision must be auto, bf16, fp32 or int8 (int8 for inference only), not {precision!r}")
     if precision == "auto":
         return "bf16" if fast_bf16(device) else "fp32"
     return precision

@@ -88,8 +88,9 @@ class Predictor:
     call. `model` is that prepared network; `checkpoint.build()` gives the trainable one.
 
     `backend="onnxruntime"` runs the same checkpoint exported to ONNX (`emotion.portable`) in
-    ONNX Runtime instead, in float32 on the CPU; decoding, mirroring and the temperature are this
-    class's either way, so the two backends differ only in the network's arithmetic.
+    ONNX Runtime instead, on the CPU (float32, or int8 as above); decoding, mirroring and the
+    temperature are this class's either way, so the backends and precisions differ only in the
+    network's arithmetic.
     """
 
     def __init__(

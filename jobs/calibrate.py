@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if absolute_uri(args.output) == absolute_uri(args.model):
             raise UsageError("--output must differ from --model: the checkpoint read is never overwritten")
-        predictor = Predictor(args.model)
+        # Float32 logits: the temperature serves every precision the checkpoint may run in.
+        predictor = Predictor(args.model, precision="fp32")
         checkpoint = predictor.checkpoint
         faces = load_arrays(args.validation, checkpoint.input_size, checkpoint.channels)
     except (UsageError, CheckpointError, FileNotFoundError, ValueError) as exc:

@@ -111,7 +111,8 @@ def settled_precision(args: argparse.Namespace, checkpoint: Checkpoint, resumed:
     """
     if args.precision == "int8" and not checkpoint.int8_graph:
         raise UsageError("--precision int8: the model carries no int8 graph (python -m jobs.quantize makes one)")
-    if args.precision != "auto" or args.gpus_per_actor > 0 or (args.device is not None and args.device != "cpu"):
+    on_gpu = args.device not in (None, "cpu") or (args.device is None and args.gpus_per_actor > 0)
+    if args.precision != "auto" or on_gpu:
         return args.precision
     if resumed is not None and resumed.get("precision") in SETTLED_PRECISIONS:
         return resumed["precision"]

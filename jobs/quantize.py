@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 import sys
 
-from emotion.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, weights_digest
+from emotion.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint, save_checkpoint, weights_digest
 from emotion.uris import absolute_uri, filesystem
 from jobs.common import UsageError, start
 from jobs.conf import apply_defaults
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     1, writing nothing, when the graph is refused."""
     args = start(build_parser(), argv)
     try:
-        if args.model and absolute_uri(args.output) == absolute_uri(args.model):
+        if absolute_uri(args.output) == absolute_uri(args.model or str(DEFAULT_CHECKPOINT)):
             raise UsageError("--output must differ from --model: the checkpoint read is never overwritten")
         fs, path = filesystem(args.output)
         if fs.exists(path) and not args.overwrite:

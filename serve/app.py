@@ -505,9 +505,12 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         raise ValueError(f"backend {settings.backend!r} is not one of {', '.join(BACKENDS)}")
     if settings.precision not in PRECISIONS:
         raise ValueError(f"precision {settings.precision!r} is not one of {', '.join(PRECISIONS)}")
-    if settings.backend == "onnxruntime" and (settings.precision == "bf16" or settings.device not in (None, "cpu")):
-        raise ValueError(f"backend onnxruntime runs float32 or int8 on the CPU: precision must be auto, fp32 or "
-                         f"int8 (not {settings.precision!r}) and device null or cpu (not {settings.device!r})")
+    if settings.backend == "onnxruntime" and settings.precision == "bf16":
+        raise ValueError("backend onnxruntime runs float32 or int8 on the CPU: precision must be auto, fp32 or int8 "
+                         "(not 'bf16')")
+    if settings.backend == "onnxruntime" and settings.device not in (None, "cpu"):
+        raise ValueError(f"backend onnxruntime runs float32 or int8 on the CPU: device must be null or cpu "
+                         f"(not {settings.device!r})")
     if settings.precision == "int8" and settings.device not in (None, "cpu"):
         raise ValueError(f"precision int8 runs on the CPU only: device must be null or cpu (not {settings.device!r})")
     load_face_config(settings.face_config or DEFAULT_FACE_CONFIG)

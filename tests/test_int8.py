@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from emotion import predictor
-from emotion.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, weights_digest
+from emotion.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint, save_checkpoint, weights_digest
 from emotion.portable import OnnxNetwork, read_metadata
 from emotion.predictor import Predictor
+from jobs import quantize
 from tests.conftest import tiny_checkpoint, with_int8_graph
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,20 +47,26 @@ def test_quantize_writes_a_checkpoint_carrying_its_int8_graph(tmp_path):
     assert again.returncode == 2 and "exists: pass --overwrite" in again.stderr
 
 
-def test_quantize_refuses_bad_flags_in_one_line_and_never_overwrites_its_model(tmp_path, tiny_checkpoint_path):
+def test_quantize_refuses_bad_flags_in_one_line_and_never_overwrites_its_model(tmp_path, tiny_checkpoint_path,
+                                                                              capsys):
     (tmp_path / "empty").mkdir()
-    base = [sys.executable, "-m", "jobs.quantize", "--model", str(tiny_checkpoint_path)]
+    embedded = DEFAULT_CHECKPOINT.read_bytes()
+    base = ["--model", str(tiny_checkpoint_path)]
     for flags, message in [
         (["--calibration", str(FACES), "--output", str(tiny_checkpoint_path)], "--output must differ from --model"),
+        (["--model", "", "--calibration", str(FACES), "--output", str(DEFAULT_CHECKPOINT), "--overwrite"],
+         "--output must differ from --model"),
         (["--calibration", str(tmp_path / "empty"), "--output", str(tmp_path / "x.pt")], "no image files under it"),
         (["--calibration", str(FACES), "--output", str(tmp_path / "x.pt"), "--calibration-images", "0"],
          "at least 1"),
         (["--model", str(tmp_path / "nope.pt"), "--calibration", str(FACES), "--output", str(tmp_path / "x.pt")],
          "no such checkpoint file"),
     ]:
-        done = subprocess.run([*base, *flags], cwd=ROOT, capture_output=True, text=True)
-        assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1, (flags, done.stderr)
+        code = quantize.main([*base, *flags])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1, (flags, err)
     assert not (tmp_path / "x.pt").exists()
+    assert DEFAULT_CHECKPOINT.read_bytes() == embedded
 
 
 def test_a_graph_made_from_other_weights_is_refused_on_load(tmp_path, tiny_int8):
@@ -69,6 +76,10 @@ def test_a_graph_made_from_other_weights_is_refused_on_load(tmp_path, tiny_int8)
         load_checkpoint(path)
     save_checkpoint(dataclasses.replace(tiny_int8, temperature=2.0), path)
     assert load_checkpoint(path).int8_graph == tiny_int8.int8_graph, "a new temperature keeps the graph valid"
+    payload = torch.load(path, weights_only=True)
+    torch.save(payload | {"int8_graph": torch.zeros(2, 3)}, path)
+    with pytest.raises(CheckpointError, match="its int8_graph is not a flat uint8 tensor"):
+        load_checkpoint(path)
 
 
 def test_int8_runs_the_graph_with_mirroring_and_temperature(tiny_int8):

@@ -151,6 +151,7 @@ def test_auto_precision_is_settled_once_in_the_driver_for_cpu_actors():
     assert settled_precision(args(), checkpoint, {"precision": "bf16"}) == "bf16", "a resumed run keeps its arithmetic"
     assert settled_precision(args(), checkpoint, {"precision": "auto"}) in ("bf16", "fp32")
     assert settled_precision(args(gpus_per_actor=1), checkpoint) == "auto", "GPU actors agree by device"
+    assert settled_precision(args(gpus_per_actor=1, device="cpu"), checkpoint) in ("bf16", "fp32"), "CPU actors"
     assert settled_precision(args(backend="onnxruntime"), checkpoint) == "fp32", "the tiny model has no int8 graph"
     with pytest.raises(UsageError, match="--precision int8: the model carries no int8 graph"):
         settled_precision(args(precision="int8"), checkpoint)

@@ -221,7 +221,7 @@ def test_precision_int8_answers_as_the_int8_predictor_does_outside_serve(service
 
 @pytest.mark.parametrize(("change", "message"), [
     ({"backend": "onnxruntime", "precision": "bf16"}, "backend onnxruntime runs float32 or int8 on the CPU"),
-    ({"backend": "onnxruntime", "device": "cuda"}, "backend onnxruntime runs float32 or int8 on the CPU"),
+    ({"backend": "onnxruntime", "device": "cuda"}, "device must be null or cpu"),
     ({"precision": "int8", "device": "cuda"}, "precision int8 runs on the CPU only"),
     ({"precision": "half"}, "precision 'half' is not one of auto, bf16, fp32, int8"),
     ({"backend": "tensorrt"}, "backend 'tensorrt' is not one of torch, onnxruntime"),

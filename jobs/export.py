@@ -54,25 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     the int8 graph with the float32 one."""
     args = start(build_parser(), argv)
     try:
-        fs, path = filesystem(args.output)
-        if fs.exists(path) and not args.overwrite:
-            raise UsageError(f"--output {args.output} exists: pass --overwrite to replace it")
         if args.calibration and not args.int8:
             raise UsageError("--calibration is for --int8 only")
         if args.int8 and not args.calibration:
             raise UsageError("--int8 needs --calibration: a folder of face crops to fit the activations' ranges on")
-        if args.calibration_images < 1:
-            raise UsageError(f"--calibration-images must be at least 1, not {args.calibration_images}")
-        checkpoint = load_checkpoint(args.model)
-        faces = calibration_faces(checkpoint, args.calibration, args.calibration_images) if args.int8 else None
-    except (UsageError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        graph, check = checked_graph(checkpoint, args.opset, faces)
-    except ExportRefused as exc:
-        print(f"error: {exc}; nothing written", file=sys.stderr)
-        return 1
+        checkpoint, graph, check = checked_export(args, args.int8)
+    except (UsageError, CheckpointError, ExportRefused) as exc:
+        return refusal(exc)
     with fsspec.open(args.output, "wb") as f:
         f.write(graph)
     print(f"wrote {args.output}: {checkpoint.name or checkpoint.arch}, opset {args.opset}, dynamic batch axis; {check}")
@@ -81,6 +69,30 @@ def main(argv: list[str] | None = None) -> int:
 
 class ExportRefused(Exception):
     """A graph that does not compute what the checkpoint's network computes, closely enough."""
+
+
+def checked_export(args: argparse.Namespace, int8: bool) -> tuple[Checkpoint, bytes, str]:
+    """The checkpoint `--model` names and its graph from `checked_graph`, quantized on faces from
+    `--calibration` when `int8`; UsageError or CheckpointError before any work when `--output`,
+    `--calibration-images`, the model or the folder cannot serve, ExportRefused after it."""
+    fs, path = filesystem(args.output)
+    if fs.exists(path) and not args.overwrite:
+        raise UsageError(f"--output {args.output} exists: pass --overwrite to replace it")
+    if args.calibration_images < 1:
+        raise UsageError(f"--calibration-images must be at least 1, not {args.calibration_images}")
+    checkpoint = load_checkpoint(args.model)
+    faces = calibration_faces(checkpoint, args.calibration, args.calibration_images) if int8 else None
+    return (checkpoint, *checked_graph(checkpoint, args.opset, faces))
+
+
+def refusal(exc: Exception) -> int:
+    """Say in one line why nothing was written; the exit code: 1 for a graph that failed its check,
+    2 for flags, a model or a folder refused before any work."""
+    if isinstance(exc, ExportRefused):
+        print(f"error: {exc}; nothing written", file=sys.stderr)
+        return 1
+    print(f"error: {exc}", file=sys.stderr)
+    return 2
 
 
 def checked_graph(checkpoint: Checkpoint, opset: int, faces: np.ndarray | None = None) -> tuple[bytes, str]:

@@ -12,11 +12,11 @@ import argparse
 import dataclasses
 import sys
 
-from emotion.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint, save_checkpoint, weights_digest
-from emotion.uris import absolute_uri, filesystem
+from emotion.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, save_checkpoint, weights_digest
+from emotion.uris import absolute_uri
 from jobs.common import UsageError, start
 from jobs.conf import apply_defaults
-from jobs.export import ExportRefused, calibration_faces, checked_graph
+from jobs.export import ExportRefused, checked_export, refusal
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,21 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if absolute_uri(args.output) == absolute_uri(args.model or str(DEFAULT_CHECKPOINT)):
             raise UsageError("--output must differ from --model: the checkpoint read is never overwritten")
-        fs, path = filesystem(args.output)
-        if fs.exists(path) and not args.overwrite:
-            raise UsageError(f"--output {args.output} exists: pass --overwrite to replace it")
-        if args.calibration_images < 1:
-            raise UsageError(f"--calibration-images must be at least 1, not {args.calibration_images}")
-        checkpoint = load_checkpoint(args.model)
-        faces = calibration_faces(checkpoint, args.calibration, args.calibration_images)
-    except (UsageError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        graph, check = checked_graph(checkpoint, args.opset, faces)
-    except ExportRefused as exc:
-        print(f"error: {exc}; nothing written", file=sys.stderr)
-        return 1
+        checkpoint, graph, check = checked_export(args, int8=True)
+    except (UsageError, CheckpointError, ExportRefused) as exc:
+        return refusal(exc)
     quantized = dataclasses.replace(checkpoint, int8_graph=graph, int8_weights=weights_digest(checkpoint.state_dict))
     save_checkpoint(quantized, args.output)
     print(f"wrote {args.output}: {checkpoint.name or checkpoint.arch} with its graph in {check}")

@@ -15,7 +15,6 @@ that graph as `python -m jobs.quantize` stores it and run with precision int8.
 
 import argparse
 from collections.abc import Callable
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -24,7 +23,6 @@ import torch
 from inference import images_per_second
 from sklearn.metrics import accuracy_score, f1_score
 
-from emotion.checkpoint import weights_digest
 from emotion.flip import flip_averaged_logits
 from emotion.folders import list_labelled_images, read_many
 from emotion.portable import OnnxNetwork, export_bytes, quantized_bytes
@@ -93,7 +91,7 @@ def main() -> None:
 
     # Whole Predictors from decoded pixels, mirroring where unsure as shipped.
     pixels = np.stack([d.pixels for d in decoded])
-    quantized = replace(checkpoint, int8_graph=int8, int8_weights=weights_digest(checkpoint.state_dict))
+    quantized = checkpoint.with_int8_graph(int8)
     predictors = [("torch fp32", predictor),
                   ("onnxruntime fp32", Predictor(checkpoint, device="cpu", backend="onnxruntime", precision="fp32")),
                   ("int8", Predictor(quantized, device="cpu", precision="int8"))]

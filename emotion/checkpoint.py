@@ -64,6 +64,11 @@ class Checkpoint:
         model.load_state_dict(self.state_dict)
         return model.eval()
 
+    def with_int8_graph(self, graph: bytes) -> "Checkpoint":
+        """This checkpoint carrying `graph` (its network quantized to int8), tied to these weights by
+        their digest: the one way to attach a graph, so no caller can forget the digest."""
+        return dataclasses.replace(self, int8_graph=graph, int8_weights=weights_digest(self.state_dict))
+
     def describe(self) -> dict[str, Any]:
         """Everything but the weights, as plain JSON-able values (for /models and manifests)."""
         info = dataclasses.asdict(self)

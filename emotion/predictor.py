@@ -159,8 +159,8 @@ class Predictor:
         so far, and switch to int8 only when the float one takes INT8_MARGIN times as long or more.
 
         int8 changes about one answer in a hundred, near class boundaries, and leaves accuracy where
-        it was (docs/model-card.md), so it is worth it only where it is clearly faster: on CPUs
-        whose float32 arithmetic bounds throughput, not on those with fast bf16.
+        it was (docs/model-card.md), so it is worth it only where it is clearly faster, as on CPUs
+        whose float32 arithmetic bounds throughput (docs/benchmarks.md).
         """
         ckpt = self.checkpoint
         sample = torch.zeros(TIMING_BATCH, ckpt.channels, ckpt.input_size, ckpt.input_size)

@@ -9,10 +9,9 @@ overwritten.
 """
 
 import argparse
-import dataclasses
 import sys
 
-from emotion.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, save_checkpoint, weights_digest
+from emotion.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, save_checkpoint
 from emotion.uris import absolute_uri
 from jobs.common import UsageError, start
 from jobs.conf import apply_defaults
@@ -43,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint, graph, check = checked_export(args, int8=True)
     except (UsageError, CheckpointError, ExportRefused) as exc:
         return refusal(exc)
-    quantized = dataclasses.replace(checkpoint, int8_graph=graph, int8_weights=weights_digest(checkpoint.state_dict))
-    save_checkpoint(quantized, args.output)
+    save_checkpoint(checkpoint.with_int8_graph(graph), args.output)
     print(f"wrote {args.output}: {checkpoint.name or checkpoint.arch} with its graph in {check}")
     return 0
 

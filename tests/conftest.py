@@ -95,14 +95,10 @@ def with_int8_graph(checkpoint: Checkpoint, faces: int = 128) -> Checkpoint:
     """`checkpoint` carrying its network quantized to int8, calibrated on random normalised faces,
     as `python -m jobs.quantize` stores it (without its check on answers, which a random network
     need not pass)."""
-    import dataclasses
-
     import numpy as np
 
-    from emotion.checkpoint import weights_digest
     from emotion.portable import export_bytes, quantized_bytes
 
     size, channels = checkpoint.input_size, checkpoint.channels
     calibration = np.random.default_rng(1).normal(0, 1, (faces, channels, size, size)).astype(np.float32)
-    graph = quantized_bytes(export_bytes(checkpoint), calibration)
-    return dataclasses.replace(checkpoint, int8_graph=graph, int8_weights=weights_digest(checkpoint.state_dict))
+    return checkpoint.with_int8_graph(quantized_bytes(export_bytes(checkpoint), calibration))

@@ -72,6 +72,14 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
+def job_env(ray_cluster) -> dict[str, str]:
+    """The environment of a job run as `python -m jobs.X` on a machine of the session's cluster,
+    as a user runs a driver there: Ray is joined, not started, so each job saves the seconds a
+    local Ray takes to start and stop."""
+    return ray_cluster.env(RAY_ADDRESS=ray_cluster.gcs_address)
+
+
+@pytest.fixture(scope="session")
 def s3():
     """moto's S3 server on loopback, with the AWS variables a client needs to reach it."""
     from tests.services import s3_server

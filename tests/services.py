@@ -99,6 +99,15 @@ class RayHead:
         return "TIMEOUT"
 
 
+def run_job(module: str, *args: str, env: dict[str, str] | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m jobs.MODULE ARGS...` from the project root, as a user runs it; `env` (the
+    `job_env` fixture's, say) joins it to a running cluster, where without RAY_ADDRESS it starts
+    its own local Ray."""
+    return subprocess.run([sys.executable, "-m", f"jobs.{module}", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
 def rows_written(folder: Path) -> int:
     """Rows in the Parquet files of a running (or stopped) job's `folder` that are whole.
 

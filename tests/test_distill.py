@@ -3,12 +3,11 @@ its teacher."""
 
 import dataclasses
 import json
-import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
+import ray
 import torch
 
 from emotion.checkpoint import load_checkpoint, save_checkpoint
@@ -16,9 +15,10 @@ from emotion.labels import LABELS
 from emotion.predictor import Predictor
 from emotion.preprocess import normalize
 from emotion.training.distill import Distillation, Teacher, distillation_loss, load_teacher
+from jobs import train as train_job
 from jobs.train import parse_args
 from tests.conftest import file_sha256, splitting_margin, tiny_checkpoint
-from tests.services import ROOT
+from tests.services import run_job
 from tests.test_score_faces import always
 from tests.test_train import synthetic_faces
 
@@ -120,46 +120,51 @@ def test_the_job_records_the_teachers_sha256_in_the_recipe(tmp_path):
     assert given.distillation["sha256"] == digest
 
 
-def train(tmp_path, *extra: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "jobs.train", "--train", str(tmp_path / "train"), "--output",
-               str(tmp_path / "student.pt"), "--epochs", "4", "--batch-size", "16", "--lr", "0.02",
-               "--arch-kwargs", json.dumps({"widths": [8, 16], "depth": 2}), "--val-fraction", "0.25",
-               "--storage", str(tmp_path / "runs"), "--name", "student", *extra]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, RAY_ADDRESS="local"))
+def student_flags(tmp_path, *extra: str) -> list[str]:
+    return ["--train", str(tmp_path / "train"), "--output", str(tmp_path / "student.pt"), "--epochs", "4",
+            "--batch-size", "16", "--lr", "0.02", "--arch-kwargs", json.dumps({"widths": [8, 16], "depth": 2}),
+            "--val-fraction", "0.25", "--storage", str(tmp_path / "runs"), "--name", "student", *extra]
 
 
-def test_a_bad_distillation_flag_is_one_line_before_any_work(tmp_path):
+def train(tmp_path, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess:
+    return run_job("train", *student_flags(tmp_path, *extra), env=env)
+
+
+def refusal(capsys, tmp_path, *extra: str) -> str:
+    """The last line `python -m jobs.train` prints when it refuses its flags, run in this process."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        train_job.main(student_flags(tmp_path, *extra))
+    assert exit_.value.code == 2
+    assert not ray.is_initialized()
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_bad_distillation_flag_is_one_line_before_any_work(tmp_path, capsys):
     synthetic_faces(tmp_path / "train", per_class=2)
-    result = train(tmp_path, "--distillation", json.dumps({"teacher": str(tmp_path / "nope.pt"), "weight": 0.5,
-                                                           "temperature": 2}))
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == (f"python -m jobs.train: error: --distillation: "
-                                                      f"{tmp_path / 'nope.pt'}: no such checkpoint file")
+    assert refusal(capsys, tmp_path, "--distillation", json.dumps(
+        {"teacher": str(tmp_path / "nope.pt"), "weight": 0.5, "temperature": 2})) == (
+        f"python -m jobs.train: error: --distillation: {tmp_path / 'nope.pt'}: no such checkpoint file")
     assert not (tmp_path / "runs").exists()
     save_checkpoint(tiny_checkpoint(), tmp_path / "teacher.pt")
-    result = train(tmp_path, "--distillation", json.dumps({"teacher": str(tmp_path / "teacher.pt"), "weight": 0.5,
-                                                           "temperature": 2, "sha256": "0" * 64}))
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith(
+    assert refusal(capsys, tmp_path, "--distillation", json.dumps(
+        {"teacher": str(tmp_path / "teacher.pt"), "weight": 0.5, "temperature": 2, "sha256": "0" * 64})).startswith(
         f"python -m jobs.train: error: --distillation: {tmp_path / 'teacher.pt'} is not the teacher this run was "
         "given: its sha256 is ")
-    result = train(tmp_path, "--input-size", "64", "--distillation",
-                   json.dumps({"teacher": str(tmp_path / "teacher.pt"), "weight": 0.5, "temperature": 2}))
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == ("python -m jobs.train: error: --distillation: teacher takes "
-                                                      "1x48x48, the student 1x64x64")
+    assert refusal(capsys, tmp_path, "--input-size", "64", "--distillation", json.dumps(
+        {"teacher": str(tmp_path / "teacher.pt"), "weight": 0.5, "temperature": 2})) == (
+        "python -m jobs.train: error: --distillation: teacher takes 1x48x48, the student 1x64x64")
 
 
 @pytest.mark.slow
-def test_a_student_taught_only_by_its_teacher_learns_the_teachers_answer(tmp_path):
+def test_a_student_taught_only_by_its_teacher_learns_the_teachers_answer(tmp_path, job_env):
     """With weight 1 the labels count for nothing: a teacher that answers "happy" to every face
     leaves a student that answers "happy" to the training faces of every class, where one taught
-    by the labels tells them apart."""
+    by the labels tells them apart. Its run, resumed once the teacher file is replaced, is refused."""
     synthetic_faces(tmp_path / "train")
     save_checkpoint(always("happy"), tmp_path / "teacher.pt")
-    result = train(tmp_path, "--distillation", json.dumps({"teacher": str(tmp_path / "teacher.pt"), "weight": 1.0,
-                                                           "temperature": 2}))
+    setting = json.dumps({"teacher": str(tmp_path / "teacher.pt"), "weight": 1.0, "temperature": 2})
+    result = train(tmp_path, job_env, "--distillation", setting)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     student = load_checkpoint(tmp_path / "student.pt")
     assert student.recipe["distillation"] == {"teacher": f"{tmp_path.name}/teacher.pt", "weight": 1.0,
@@ -173,22 +178,15 @@ def test_a_student_taught_only_by_its_teacher_learns_the_teachers_answer(tmp_pat
         return answers.count("happy") / len(answers)
 
     assert happy_share(student) > 0.9
-    (tmp_path / "runs").rename(tmp_path / "taught-runs")
-    assert train(tmp_path).returncode == 0
-    assert happy_share(load_checkpoint(tmp_path / "student.pt")) < 0.5, "taught by the labels, it tells faces apart"
 
-
-@pytest.mark.slow
-def test_a_run_resumed_with_its_teacher_file_replaced_is_refused(tmp_path):
-    synthetic_faces(tmp_path / "train", per_class=4)
-    save_checkpoint(tiny_checkpoint(), tmp_path / "teacher.pt")
-    setting = json.dumps({"teacher": str(tmp_path / "teacher.pt"), "weight": 0.5, "temperature": 2})
-    first = train(tmp_path, "--distillation", setting, "--epochs-this-run", "1")
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     delivered = (tmp_path / "student.pt").read_bytes()
     save_checkpoint(tiny_checkpoint(seed=1), tmp_path / "teacher.pt")
-    resumed = train(tmp_path, "--distillation", setting, "--resume")
+    resumed = train(tmp_path, job_env, "--distillation", setting, "--resume")
     assert resumed.returncode == 2
     # One line, before Ray starts.
     assert resumed.stderr == "error: --resume: cannot resume under a different recipe: distillation changed\n"
-    assert (tmp_path / "student.pt").read_bytes() == delivered, "the first invocation's checkpoint is kept"
+    assert (tmp_path / "student.pt").read_bytes() == delivered, "the run's checkpoint is kept"
+
+    (tmp_path / "runs").rename(tmp_path / "taught-runs")
+    assert train(tmp_path, job_env).returncode == 0
+    assert happy_share(load_checkpoint(tmp_path / "student.pt")) < 0.5, "taught by the labels, it tells faces apart"

@@ -25,7 +25,7 @@ RUNS = {
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, job_env):
     """Each run's predictions by path, after checking what its manifest and run record say."""
     tmp_path = tmp_path_factory.mktemp("backends")
     faces = tmp_path / "faces"
@@ -36,7 +36,7 @@ def runs(tmp_path_factory):
     predictions = {}
     for name, flags in RUNS.items():
         out = tmp_path / name
-        result = score("--input", str(faces), "--output", str(out), *flags, *SMALL)
+        result = score("--input", str(faces), "--output", str(out), *flags, *SMALL, env=job_env)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         manifest = json.loads((out / "_manifest.json").read_text())
         backend = "onnxruntime" if name == "onnxruntime" else "torch"

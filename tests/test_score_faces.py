@@ -8,7 +8,6 @@ import io
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,11 +23,12 @@ from emotion.checkpoint import Checkpoint, save_checkpoint
 from emotion.faces import FaceFinder, load_face_config
 from emotion.labels import LABELS
 from jobs import evaluate
+from jobs import score as score_job
 from jobs.pipeline import output_schema
 from jobs.score import _output_rows, _reconcile
 from tests.conftest import SHARED_DATA, tiny_checkpoint
 from tests.images import encode
-from tests.services import ROOT
+from tests.services import run_job
 from tests.test_faces import CONF, FACES, PLACED, SIDE, three_faces
 
 # Two more bundled faces for a second photo, and where they are pasted on a 800x500 colour canvas.
@@ -61,9 +61,8 @@ def photo_folder(root: Path) -> dict[str, int]:
     return {relative: faces for relative, (_, faces) in files.items()}
 
 
-def score(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jobs.score", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+def score(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return run_job("score", *args, env=env)
 
 
 # Small batches and blocks, so a few files span several blocks and Parquet files, and a photo's
@@ -82,7 +81,7 @@ def model_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def scored(tmp_path_factory, model_path) -> SimpleNamespace:
+def scored(tmp_path_factory, model_path, job_env) -> SimpleNamespace:
     """The folder scored once in auto mode (the default) and once in whole mode."""
     root = tmp_path_factory.mktemp("faces")
     expected = photo_folder(root / "in")
@@ -90,7 +89,7 @@ def scored(tmp_path_factory, model_path) -> SimpleNamespace:
     for mode in ("auto", "whole"):
         out = root / f"out-{mode}"
         result = score("--input", str(root / "in"), "--output", str(out), "--model", str(model_path),
-                       "--faces", mode, *SMALL)
+                       "--faces", mode, *SMALL, env=job_env)
         assert result.returncode == 0, result.stderr[-4000:]
         runs[mode] = SimpleNamespace(out=out, stdout=result.stdout, df=pd.read_parquet(out),
                                      manifest=json.loads((out / "_manifest.json").read_text()))
@@ -184,7 +183,7 @@ def test_whole_mode_is_one_row_per_file_as_before(scored):
 
 
 @pytest.mark.slow
-def test_resume_after_a_partial_output_gives_each_file_once(scored, model_path):
+def test_resume_after_a_partial_output_gives_each_file_once(scored, model_path, job_env):
     """Files lost, cut short and written twice: the rerun redoes exactly what is missing."""
     out = scored.root / "out-resume"
     shutil.copytree(scored.auto.out, out)
@@ -199,7 +198,8 @@ def test_resume_after_a_partial_output_gives_each_file_once(scored, model_path):
     rest = [file for file in parquet if file != lost]
     rest[0].write_bytes(rest[0].read_bytes()[:40])
     shutil.copy(rest[1], out / f"copy-{rest[1].name}")
-    result = score("--input", str(scored.input), "--output", str(out), "--model", str(model_path), *SMALL)
+    result = score("--input", str(scored.input), "--output", str(out), "--model", str(model_path), *SMALL,
+                   env=job_env)
     assert result.returncode == 0, result.stderr[-4000:]
     df = pd.read_parquet(out)
     check_rows(df, scored.input, scored.expected)
@@ -249,7 +249,8 @@ def test_a_cut_short_file_is_removed_and_a_foreign_one_refused_and_kept(tmp_path
     assert list(_output_rows(job)["path"]) == ["one"] and not (tmp_path / "c.parquet").exists()
 
 
-def test_bad_face_settings_are_one_line_before_any_work(tmp_path):
+def test_bad_face_settings_are_one_line_before_any_work(tmp_path, capsys):
+    """The jobs' `main` in this process: each refuses before Ray starts."""
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jpg").write_bytes((FACES / "happy/PublicTest_10130075.jpg").read_bytes())
     (tmp_path / "faces.yaml").write_text("detector: dlib_hog\nframing: {scale: 1.0, offset: 0.0}\n"
@@ -260,15 +261,17 @@ def test_bad_face_settings_are_one_line_before_any_work(tmp_path):
                                                          "dlib_hog: ",
     }
     for flags, message in cases.items():
-        result = score("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), *flags)
-        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-        assert result.stderr.strip().startswith(message), result.stderr
+        with pytest.raises(SystemExit) as exit_:
+            score_job.main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), *flags])
+        stderr = capsys.readouterr().err
+        assert exit_.value.code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+        assert stderr.strip().startswith(message), stderr
         assert not (tmp_path / "out").exists()
-    result = subprocess.run([sys.executable, "-m", "jobs.evaluate", "--input", f"s:sideways={tmp_path}",
-                             "--output", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    assert result.stderr.strip() == (f"error: --input s:sideways={tmp_path}: faces mode sideways: expected one of "
-                                     "whole, detect, auto")
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main(["--input", f"s:sideways={tmp_path}", "--output", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"error: --input s:sideways={tmp_path}: faces mode sideways: expected "
+                                               "one of whole, detect, auto")
 
 
 # ---------------------------------------------------------------- evaluation

@@ -2,9 +2,7 @@
 
 import csv
 import json
-import os
 import subprocess
-import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -22,10 +20,11 @@ from emotion.training.augment import augment_faces, augmentation_settings
 from emotion.training.config import EARLIER_AUGMENTATION, TrainConfig, recipe_changes
 from emotion.training.data import class_weights, split_data
 from emotion.training.loop import CHECKPOINT_FILE, CSV_COLUMNS, STATE_FILE, _restore, recorded_recipe, write_metrics_csv
+from jobs import train as train_job
 from jobs.conf import read_defaults
 from jobs.train import metrics_csv_uri, parse_args
 from tests.images import labelled_faces
-from tests.services import ROOT
+from tests.services import run_job
 
 FOLDERS = ["anger", "disgusted", "fearful", "happiness", "neutral", "sadness", "surprised", "contempt"]
 
@@ -35,21 +34,38 @@ def synthetic_faces(root, per_class: int = 12) -> None:
     labelled_faces(root, FOLDERS, per_class)
 
 
-@pytest.mark.slow
-def test_ray_train_writes_a_checkpoint_that_loads_and_predicts(tmp_path):
-    synthetic_faces(tmp_path / "train")
-    output = tmp_path / "model.pt"
-    command = [sys.executable, "-m", "jobs.train", "--train", str(tmp_path / "train"), "--output", str(output),
-               "--epochs", "3", "--batch-size", "16", "--arch-kwargs", json.dumps({"widths": [8, 16], "depth": 2}),
-               "--val-fraction", "0.25", "--storage", str(tmp_path / "runs"), "--name", "smoke"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ, RAY_ADDRESS="local"))
+MIXING = json.dumps({"fraction": 0.5, "mixup_alpha": 0.4, "cutmix_alpha": 1.0})
+
+
+def tiny_run(folder, *extra: str) -> list[str]:
+    """`jobs.train`'s arguments for tiny synthetic faces in `folder`/train and a tiny network, with
+    mixing on, whose draws come from the checkpointed generator as the augmentation's do."""
+    return ["--train", str(folder / "train"), "--output", str(folder / "model.pt"), "--batch-size", "16",
+            "--val-fraction", "0.25", "--arch-kwargs", json.dumps({"widths": [8, 16], "depth": 2}),
+            "--precision", "fp32", "--mixing", MIXING, "--epochs", "3", "--storage", str(folder / "runs"),
+            "--name", "tiny", *extra]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, job_env) -> tuple[Path, subprocess.CompletedProcess]:
+    """One uninterrupted run of three epochs: its folder and what the command printed. The smoke
+    test reads its checkpoint; an interrupted run of the same recipe must match its epochs."""
+    folder = tmp_path_factory.mktemp("straight")
+    synthetic_faces(folder / "train")
+    result = run_job("train", *tiny_run(folder), env=job_env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return folder, result
+
+
+@pytest.mark.slow
+def test_ray_train_writes_a_checkpoint_that_loads_and_predicts(straight):
+    folder, result = straight
+    output = folder / "model.pt"
     log = result.stdout + result.stderr
     assert "skipping classes the model has no label for: ['contempt']" in log
     assert "epoch 1/3" in log and "val_macro_f1" in log and "img/s" in log
     checkpoint = load_checkpoint(output)
-    assert checkpoint.name == "smoke" and checkpoint.labels == LABELS
+    assert checkpoint.name == "tiny" and checkpoint.labels == LABELS
     assert checkpoint.recipe["epochs"] == 3 and checkpoint.num_params > 0
     assert 0 <= checkpoint.metrics["validation"]["val_accuracy"] <= 1
     assert set(checkpoint.metrics["validation"]["per_class"]) >= set(LABELS)
@@ -57,19 +73,9 @@ def test_ray_train_writes_a_checkpoint_that_loads_and_predicts(tmp_path):
     assert checkpoint.temperature == checkpoint.metrics["validation"]["temperature"] > 0
     assert "temperature" in result.stdout and "expected calibration error" in result.stdout
     # The data is named by its last two path parts: the checkpoint holds nothing of this machine's layout.
-    assert checkpoint.recipe["train"] == f"{tmp_path.name}/train" and str(tmp_path) not in checkpoint.trained_on
+    assert checkpoint.recipe["train"] == f"{folder.name}/train" and str(folder) not in checkpoint.trained_on
     probs = Predictor(output, device="cpu").predict_pixels(np.zeros((2, 48, 48, 1), np.uint8))
     assert probs.shape == (2, 7) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
-
-
-def train_tiny(tmp_path, *extra: str) -> subprocess.CompletedProcess:
-    """`python -m jobs.train` on tiny synthetic faces with a tiny network, in its own local Ray."""
-    command = [sys.executable, "-m", "jobs.train", "--train", str(tmp_path / "train"),
-               "--output", str(tmp_path / "model.pt"), "--batch-size", "16", "--val-fraction", "0.25",
-               "--arch-kwargs", json.dumps({"widths": [8, 16], "depth": 2}), "--precision", "fp32",
-               "--storage", str(tmp_path / "runs"), "--name", "resumable", *extra]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, RAY_ADDRESS="local"))
 
 
 def read_csv(path) -> list[dict[str, str]]:
@@ -78,34 +84,38 @@ def read_csv(path) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow
-def test_an_interrupted_run_resumes_at_its_next_epoch_and_matches_an_uninterrupted_one(tmp_path, monkeypatch):
-    """With mixing on, whose draws come from the checkpointed generator as the augmentation's do;
-    the two halves are logged to MLflow as one run, with the recipe, every epoch and the model."""
+def test_an_interrupted_run_resumes_at_its_next_epoch_and_matches_an_uninterrupted_one(tmp_path, monkeypatch, capsys,
+                                                                                      job_env, straight):
+    """The two halves are logged to MLflow as one run, with the recipe, every epoch and the model.
+    The refusals run `main` in this process: they end before Ray starts."""
     import mlflow
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     synthetic_faces(tmp_path / "train")
-    mixing = json.dumps({"fraction": 0.5, "mixup_alpha": 0.4, "cutmix_alpha": 1.0})
     store = tmp_path / "mlruns"
 
-    def train(folder, *extra: str) -> subprocess.CompletedProcess:
-        return train_tiny(folder, "--mixing", mixing, "--mlflow-uri", str(store), "--mlflow-experiment",
-                          folder.name, *extra)
+    def flags(*extra: str) -> list[str]:
+        return tiny_run(tmp_path, "--mlflow-uri", str(store), "--mlflow-experiment", tmp_path.name, *extra)
 
-    first = train(tmp_path, "--epochs", "3", "--epochs-this-run", "1")
+    def train(*extra: str) -> subprocess.CompletedProcess:
+        return run_job("train", *flags(*extra), env=job_env)
+
+    def refusal(*extra: str) -> str:
+        capsys.readouterr()
+        assert train_job.main(flags(*extra)) == 2
+        assert not ray.is_initialized()
+        return capsys.readouterr().err
+
+    first = train("--epochs-this-run", "1")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "stopped after epoch 1 of 3" in first.stdout
     metrics = tmp_path / "model.metrics.csv"
     assert [row["epoch"] for row in read_csv(metrics)] == ["1"]
 
-    again = train(tmp_path, "--epochs", "3")
-    assert again.returncode == 2 and "pass --resume to continue it" in again.stderr
+    assert "pass --resume to continue it" in refusal()
+    assert refusal("--lr", "0.1", "--resume") == "error: --resume: cannot resume under a different recipe: lr changed\n"
 
-    refused = train(tmp_path, "--epochs", "3", "--lr", "0.1", "--resume")
-    assert refused.returncode == 2
-    assert refused.stderr == "error: --resume: cannot resume under a different recipe: lr changed\n"
-
-    resumed = train(tmp_path, "--epochs", "3", "--resume")
+    resumed = train("--resume")
     log = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, log[-6000:]
     assert "resuming after epoch 1 of 3" in log
@@ -123,13 +133,9 @@ def test_an_interrupted_run_resumes_at_its_next_epoch_and_matches_an_uninterrupt
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     assert artifacts == {"model/model.pt", "model/model-card.md"}
     card = Path(client.download_artifacts(run.info.run_id, "model/model-card.md", str(tmp_path))).read_text()
-    assert card.startswith("# Model card: resumable") and "| angry |" in card
+    assert card.startswith("# Model card: tiny") and "| angry |" in card
 
-    (tmp_path / "straight").mkdir()
-    (tmp_path / "straight" / "train").symlink_to(tmp_path / "train")
-    straight = train(tmp_path / "straight", "--epochs", "3")
-    assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
-    uninterrupted = read_csv(tmp_path / "straight" / "model.metrics.csv")
+    uninterrupted = read_csv(straight[0] / "model.metrics.csv")
     for a, b in zip(interrupted, uninterrupted, strict=True):
         for column in ("train_loss", "train_accuracy", "val_loss", "lr"):
             assert float(a[column]) == pytest.approx(float(b[column]), rel=1e-4), (a["epoch"], column)

@@ -2,25 +2,32 @@
 
 The probe that found these: `--output` equal to the input plus `--overwrite` deleted the user's
 images; a rerun with another model or input appended to, or broke, an unfinished output.
+Refusals run the command's `main` in this process (they end before Ray starts, and a Python
+start for each would cost more than the check); runs that score go through `python -m`.
 """
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import ray
 
 from emotion.checkpoint import save_checkpoint
+from jobs import score as score_job
 from tests.conftest import tiny_checkpoint
 from tests.images import jpeg
-from tests.services import ROOT
+from tests.services import run_job
 
 
-def score(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jobs.score", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env=env)
+def refusal(capsys, *args: str) -> str:
+    """What `python -m jobs.score ARGS...` says on stderr when it refuses (exit 2, before Ray)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        score_job.main(list(args))
+    assert exit_.value.code == 2
+    assert not ray.is_initialized(), "refused before Ray starts"
+    return capsys.readouterr().err
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -47,39 +54,39 @@ def models(tmp_path) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("where", ["input itself", "parent of the input", "inside the input", "input via symlink"])
-def test_output_overlapping_the_input_is_refused_and_nothing_is_touched(tmp_path, photos, models, where):
+def test_output_overlapping_the_input_is_refused_and_nothing_is_touched(tmp_path, photos, models, capsys, where):
     (tmp_path / "link").symlink_to(photos)
     output = {"input itself": photos, "parent of the input": tmp_path, "inside the input": photos / "set0" / "out",
               "input via symlink": tmp_path / "link"}[where]
     before = snapshot(tmp_path)
-    result = score("--input", str(photos), "--output", str(output), "--model", str(models["a"]), "--overwrite")
-    assert result.returncode == 2, result.stderr
+    stderr = refusal(capsys, "--input", str(photos), "--output", str(output), "--model", str(models["a"]),
+                     "--overwrite")
     relation = {"input itself": "is the input", "parent of the input": "contains --input",
                 "inside the input": "lies inside --input", "input via symlink": "is the input"}[where]
-    assert result.stderr.startswith(f"error: --output {output} {relation}")
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert stderr.startswith(f"error: --output {output} {relation}")
+    assert len(stderr.strip().splitlines()) == 1
     assert snapshot(tmp_path) == before
 
 
-def test_overwrite_of_a_folder_with_foreign_files_is_refused(tmp_path, photos, models):
+def test_overwrite_of_a_folder_with_foreign_files_is_refused(tmp_path, photos, models, capsys):
     target = tmp_path / "mine"
     target.mkdir()
     (target / "notes.txt").write_text("keep me")
     (target / "old.parquet").write_bytes(b"a user's own table")
     before = snapshot(target)
     for extra in ([], ["--overwrite"]):
-        result = score("--input", str(photos), "--output", str(target), "--model", str(models["a"]), *extra)
-        assert result.returncode == 2
-        assert f"error: --output {target} holds files this job did not write" in result.stderr
-        assert "notes.txt" in result.stderr and "old.parquet" in result.stderr
+        stderr = refusal(capsys, "--input", str(photos), "--output", str(target), "--model", str(models["a"]), *extra)
+        assert f"error: --output {target} holds files this job did not write" in stderr
+        assert "notes.txt" in stderr and "old.parquet" in stderr
     assert snapshot(target) == before
 
 
 @pytest.mark.slow
-def test_overwrite_removes_only_the_previous_runs_files_and_resume_must_match(tmp_path, photos, models):
+def test_overwrite_removes_only_the_previous_runs_files_and_resume_must_match(tmp_path, photos, models, capsys,
+                                                                           job_env):
     out = tmp_path / "out"
-    first = score("--input", str(photos), "--output", str(out), "--model", str(models["a"]), "--rows-per-file", "2",
-                  "--batch-size", "2")
+    first = run_job("score", "--input", str(photos), "--output", str(out), "--model", str(models["a"]),
+                    "--rows-per-file", "2", "--batch-size", "2", env=job_env)
     assert first.returncode == 0, first.stderr[-3000:]
     written = snapshot(out)
     assert "_run.json" in written and "_manifest.json" in written
@@ -87,26 +94,24 @@ def test_overwrite_removes_only_the_previous_runs_files_and_resume_must_match(tm
 
     # An unfinished run (no manifest) resumes only as the same run.
     (out / "_manifest.json").unlink()
-    other_model = score("--input", str(photos), "--output", str(out), "--model", str(models["b"]))
-    assert other_model.returncode == 2
-    assert f"error: --output {out} holds a partial run made with other settings: model {models['a']}" \
-        in other_model.stderr
-    other_input = score("--input", str(photos / "set0"), "--output", str(out), "--model", str(models["a"]))
-    assert other_input.returncode == 2
-    assert f"input {photos} (now {photos / 'set0'})" in other_input.stderr
+    other_model = refusal(capsys, "--input", str(photos), "--output", str(out), "--model", str(models["b"]))
+    assert f"error: --output {out} holds a partial run made with other settings: model {models['a']}" in other_model
+    other_input = refusal(capsys, "--input", str(photos / "set0"), "--output", str(out), "--model", str(models["a"]))
+    assert f"input {photos} (now {photos / 'set0'})" in other_input
     assert snapshot(out) == {k: v for k, v in written.items() if k != "_manifest.json"}
 
-    resumed = score("--input", str(photos), "--output", str(out), "--model", str(models["a"]))
+    resumed = run_job("score", "--input", str(photos), "--output", str(out), "--model", str(models["a"]), env=job_env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((out / "_manifest.json").read_text())["resumed_rows"] == 6
 
     # A file the job did not write makes the folder no longer the job's alone.
     (out / "README.txt").write_text("added by hand")
-    refused = score("--input", str(photos), "--output", str(out), "--model", str(models["b"]), "--overwrite")
-    assert refused.returncode == 2 and "holds files this job did not write" in refused.stderr
+    refused = refusal(capsys, "--input", str(photos), "--output", str(out), "--model", str(models["b"]), "--overwrite")
+    assert "holds files this job did not write" in refused
     (out / "README.txt").unlink()
 
-    replaced = score("--input", str(photos), "--output", str(out), "--model", str(models["b"]), "--overwrite")
+    replaced = run_job("score", "--input", str(photos), "--output", str(out), "--model", str(models["b"]),
+                       "--overwrite", env=job_env)
     assert replaced.returncode == 0, replaced.stderr[-3000:]
     old_parquet = {name for name in written if name.endswith(".parquet")}
     assert not old_parquet & set(snapshot(out)), "the previous run's Parquet files are gone"
@@ -115,20 +120,20 @@ def test_overwrite_removes_only_the_previous_runs_files_and_resume_must_match(tm
     assert len(snapshot(photos)) == 6
 
 
-def test_s3_output_overlapping_the_input_is_refused(s3, models):
+def test_s3_output_overlapping_the_input_is_refused(s3, models, capsys, monkeypatch):
     client = s3.client()
     client.create_bucket(Bucket="overlap")
     for i in range(3):
         client.put_object(Bucket="overlap", Key=f"in/face{i}.jpg", Body=jpeg(seed=i))
     client.put_object(Bucket="overlap", Key="elsewhere/notes.txt", Body=b"keep me")
-    env = {**__import__("os").environ, **s3.env()}
+    for name, value in s3.env().items():
+        monkeypatch.setenv(name, value)
     cases = {"s3://overlap/in/": "is the input", "s3://overlap/in/preds": "lies inside --input",
              "s3://overlap": "contains --input"}
     for output, relation in cases.items():
-        result = score("--input", "s3://overlap/in/", "--output", output, "--model", str(models["a"]), "--overwrite",
-                       env=env)
-        assert result.returncode == 2, result.stderr
-        assert result.stderr.startswith(f"error: --output {output.rstrip('/')} {relation}"), result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        stderr = refusal(capsys, "--input", "s3://overlap/in/", "--output", output, "--model", str(models["a"]),
+                         "--overwrite")
+        assert stderr.startswith(f"error: --output {output.rstrip('/')} {relation}"), stderr
+        assert len(stderr.strip().splitlines()) == 1, stderr
     keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket="overlap")["Contents"])
     assert keys == ["elsewhere/notes.txt", "in/face0.jpg", "in/face1.jpg", "in/face2.jpg"]

@@ -8,7 +8,6 @@ import json
 import os
 import random
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from emotion.labels import LABELS
 from jobs.pipeline import output_schema
 from tests.conftest import tiny_checkpoint
 from tests.images import jpeg
-from tests.services import ROOT, rows_written, wait_for_rows
+from tests.services import rows_written, run_job, wait_for_rows
 
 pytestmark = pytest.mark.slow
 
@@ -33,9 +32,8 @@ def model_path(tmp_path_factory) -> Path:
     return path
 
 
-def score(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jobs.score", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+def score(*args: str, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return run_job("score", *args, timeout=timeout, env=env)
 
 
 def faces(folder: Path, count: int, prefix: str = "f") -> list[Path]:
@@ -46,7 +44,7 @@ def faces(folder: Path, count: int, prefix: str = "f") -> list[Path]:
     return paths
 
 
-def test_a_few_bad_files_among_many_blocks_write_and_read_back(tmp_path, model_path):
+def test_a_few_bad_files_among_many_blocks_write_and_read_back(tmp_path, model_path, job_env):
     folder = tmp_path / "in"
     good = faces(folder, 1200)
     # Bad files sorted into one block only: the other blocks have no error at all.
@@ -61,7 +59,7 @@ def test_a_few_bad_files_among_many_blocks_write_and_read_back(tmp_path, model_p
     (tmp_path / "elsewhere" / "more" / "loop").symlink_to(folder)
     out = tmp_path / "out"
     result = score("--input", str(folder), "--output", str(out), "--model", str(model_path),
-                   "--batch-size", "100", "--files-per-block", "200", "--rows-per-file", "250")
+                   "--batch-size", "100", "--files-per-block", "200", "--rows-per-file", "250", env=job_env)
     assert result.returncode == 0, result.stderr[-4000:]
     df = pd.read_parquet(out)
     assert len(df) == 1200 + len(bad) + len(linked) and df["path"].is_unique
@@ -80,12 +78,13 @@ def test_a_few_bad_files_among_many_blocks_write_and_read_back(tmp_path, model_p
     assert f"skipped {folder / 'f00603-fifo.jpg'}: not a regular file" in result.stderr
 
 
-def test_stalled_job_fails_and_says_what_waits(tmp_path, model_path):
+def test_stalled_job_fails_and_says_what_waits(tmp_path, model_path, job_env):
     faces(tmp_path / "in", 20)
     started = time.monotonic()
     # No GPU here: the actor can never be placed, as when a cluster cannot grow to what was asked.
     result = score("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model", str(model_path),
-                   "--gpus-per-actor", "1", "--stall-timeout", "10", "--progress-interval", "2", timeout=300)
+                   "--gpus-per-actor", "1", "--stall-timeout", "10", "--progress-interval", "2", timeout=300,
+                   env=job_env)
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: stalled: no row scored for "), result.stderr[-3000:]

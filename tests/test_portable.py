@@ -76,7 +76,17 @@ def test_backend_choices_are_checked():
         Predictor(tiny_checkpoint(), backend="onnxruntime", precision="bf16")
 
 
-def test_export_command_checks_parity_writes_and_never_replaces_silently(tmp_path):
+def exported(capsys, *args: str) -> tuple[int, str]:
+    """`python -m jobs.export ARGS...`'s exit code and stderr, from its `main` in this process."""
+    capsys.readouterr()
+    try:
+        code = export.main(list(args))
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def test_export_command_checks_parity_writes_and_never_replaces_silently(tmp_path, capsys):
     model = tmp_path / "tiny.pt"
     save_checkpoint(dataclasses.replace(tiny_checkpoint(), temperature=1.7), model)
     out = tmp_path / "tiny.onnx"
@@ -85,12 +95,11 @@ def test_export_command_checks_parity_writes_and_never_replaces_silently(tmp_pat
     assert done.returncode == 0, done.stderr
     assert "max |logit difference| against PyTorch float32" in done.stdout
     assert read_metadata(out.read_bytes())["temperature"] == 1.7
-    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    assert again.returncode == 2 and "exists: pass --overwrite" in again.stderr
-    assert subprocess.run([*command, "--overwrite"], cwd=ROOT, capture_output=True).returncode == 0
-    missing = subprocess.run([*command[:4], str(tmp_path / "nope.pt"), "--output", str(tmp_path / "x.onnx")],
-                             cwd=ROOT, capture_output=True, text=True)
-    assert missing.returncode == 2 and missing.stderr.startswith("error:") and missing.stderr.count("\n") == 1
+    code, stderr = exported(capsys, *command[3:])
+    assert code == 2 and "exists: pass --overwrite" in stderr
+    assert exported(capsys, *command[3:], "--overwrite")[0] == 0
+    code, stderr = exported(capsys, "--model", str(tmp_path / "nope.pt"), "--output", str(tmp_path / "x.onnx"))
+    assert code == 2 and stderr.startswith("error:") and stderr.count("\n") == 1
 
 
 def test_int8_export_quantizes_the_graph_and_keeps_its_facts_and_answers(tmp_path, default_graph):
@@ -125,12 +134,12 @@ def test_calibration_draws_on_the_whole_folder(tmp_path):
     assert len(faces) == 8 and shades == {10, 100, 200}
 
 
-def test_int8_flags_and_calibration_folders_are_refused_in_one_line(tmp_path):
+def test_int8_flags_and_calibration_folders_are_refused_in_one_line(tmp_path, capsys):
     (tmp_path / "faces").mkdir()
     (tmp_path / "faces" / "a.png").write_bytes(b"not an image")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
-    base = [sys.executable, "-m", "jobs.export", "--output", str(tmp_path / "x.onnx")]
+    base = ["--output", str(tmp_path / "x.onnx")]
     for flags, message in [
         (["--int8"], "--int8 needs --calibration"),
         (["--calibration", str(tmp_path / "faces")], "--calibration is for --int8 only"),
@@ -139,8 +148,8 @@ def test_int8_flags_and_calibration_folders_are_refused_in_one_line(tmp_path):
         (["--int8", "--calibration", str(tmp_path / "empty")], "no image files under it"),
         (["--int8", "--calibration", str(tmp_path / "nowhere")], "nowhere: not found"),
     ]:
-        done = subprocess.run([*base, *flags], cwd=ROOT, capture_output=True, text=True)
-        assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1, (flags, done.stderr)
+        code, stderr = exported(capsys, *base, *flags)
+        assert code == 2 and message in stderr and stderr.count("\n") == 1, (flags, stderr)
     assert not (tmp_path / "x.onnx").exists()
 
 

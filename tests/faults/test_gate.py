@@ -2,8 +2,6 @@
 a metric it cannot compute where the reference has one."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -11,7 +9,7 @@ from emotion.checkpoint import save_checkpoint
 from emotion.evaluation.gate import compare, gate_failures
 from tests.conftest import tiny_checkpoint
 from tests.images import jpeg
-from tests.services import ROOT
+from tests.services import run_job
 
 
 def test_a_metric_that_cannot_be_computed_fails_against_a_reference_that_has_it():
@@ -36,7 +34,7 @@ def test_a_new_set_or_a_metric_the_reference_lacks_does_not_fail():
 
 
 @pytest.mark.slow
-def test_every_image_unreadable_against_a_baseline_exits_1_with_the_reason(tmp_path):
+def test_every_image_unreadable_against_a_baseline_exits_1_with_the_reason(tmp_path, job_env):
     broken = tmp_path / "broken"
     for label in ("happy", "sad"):
         (broken / label).mkdir(parents=True)
@@ -46,11 +44,8 @@ def test_every_image_unreadable_against_a_baseline_exits_1_with_the_reason(tmp_p
     baseline.write_text(json.dumps({"sets": {"broken": {"accuracy": 0.66, "macro_f1": 0.64}}}))
     model = tmp_path / "tiny.pt"
     save_checkpoint(tiny_checkpoint(), model)
-    result = subprocess.run(
-        [sys.executable, "-m", "jobs.evaluate", "--input", f"broken={broken}", "--output", str(tmp_path / "out"),
-         "--model", str(model), "--baseline", str(baseline)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
+    result = run_job("evaluate", "--input", f"broken={broken}", "--output", str(tmp_path / "out"),
+                     "--model", str(model), "--baseline", str(baseline), env=job_env)
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
     assert "REGRESSION: set broken: no evaluable image (6 unreadable, 0 of unknown classes, of 6)" in result.stderr
     assert "REGRESSION: set broken: accuracy could not be computed (reference 0.6600) against the pinned baseline" \

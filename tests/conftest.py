@@ -1,9 +1,14 @@
 """Shared fixtures: a small checkpoint built in-process, and the path to the shared data."""
 
 import hashlib
+import logging
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
+import ray
 import torch
 
 from emotion.checkpoint import Checkpoint, new_checkpoint, save_checkpoint
@@ -72,11 +77,45 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
-def job_env(ray_cluster) -> dict[str, str]:
+def job_env(ray_cluster) -> MappingProxyType:
     """The environment of a job run as `python -m jobs.X` on a machine of the session's cluster,
     as a user runs a driver there: Ray is joined, not started, so each job saves the seconds a
-    local Ray takes to start and stop."""
-    return ray_cluster.env(RAY_ADDRESS=ray_cluster.gcs_address)
+    local Ray takes to start and stop.
+
+    A read-only snapshot of this process's environment when the session began: what a test sets
+    in os.environ later does not reach it, and the cluster's workers inherit the head's
+    environment, not this one."""
+    return MappingProxyType(ray_cluster.env(RAY_ADDRESS=ray_cluster.gcs_address))
+
+
+@pytest.fixture
+def refuse(capsys, caplog) -> Callable[..., str]:
+    """Run a job's `main` in this process on flags it must refuse with exit code `code`, and
+    return the one line it printed on stderr (after argparse's usage, where argparse refused).
+
+    In this process a refusal costs no Python start, but pytest takes logging and warnings away
+    from stderr, so this checks them apart, at the levels a job sets (its own loggers at INFO,
+    libraries at WARNING): a refusal logs nothing, warns nothing, prints nothing on stdout and
+    ends before Ray starts, as the user of `python -m jobs.X` would see it."""
+    def run(main: Callable[[Sequence[str]], int | None], *args: str, code: int = 2) -> str:
+        capsys.readouterr()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="jobs"), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                returned = main(list(args))
+            except SystemExit as exit_:
+                returned = exit_.code
+        out = capsys.readouterr()
+        assert returned == code, (returned, out.err)
+        assert not ray.is_initialized(), "refused before Ray starts"
+        assert out.out == "", out.out
+        assert not caplog.records, [record.getMessage() for record in caplog.records]
+        assert not caught, [str(warning.message) for warning in caught]
+        *usage, line = out.err.splitlines()
+        assert not usage or (usage[0].startswith("usage: ") and all(u.startswith(" ") for u in usage[1:])), out.err
+        return line
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ The head runs with `ray start --head --block` in its own process group and its o
 temp dir, so stopping it never touches another Ray instance on the machine.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -66,8 +67,6 @@ class RayHead:
     def submit(self, *entrypoint: str, env_vars: dict[str, str] | None = None, timeout: float = 600,
                wait: bool = True) -> subprocess.CompletedProcess:
         """`ray job submit --working-dir <project> -- <entrypoint>`, as the README shows."""
-        import json
-
         command = [str(BIN / "ray"), "job", "submit", "--address", self.dashboard_url,
                    "--working-dir", str(ROOT)]
         if env_vars:
@@ -86,6 +85,26 @@ class RayHead:
         """`ray job WORDS...` against this head; its standard output."""
         return subprocess.run([str(BIN / "ray"), "job", *words, "--address", self.dashboard_url], env=self.env(),
                               capture_output=True, text=True, timeout=120).stdout
+
+    def shut_down_serve(self, timeout: float = 120) -> None:
+        """`serve shutdown`, then wait until Serve's actors are gone. The command returns once
+        the request is sent (and exits 0 even when it fails), while a replica still holding
+        CPUs would stall a later job that asks for all of them."""
+        subprocess.run([str(BIN / "serve"), "shutdown", "-y", "--address", self.dashboard_url], env=self.env(),
+                       capture_output=True, check=True, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while (alive := self.alive_actors(namespace="serve")) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not alive, f"Serve actors still alive {timeout} s after serve shutdown: {alive}"
+
+    def alive_actors(self, namespace: str) -> list[str]:
+        """The class names of the alive actors in `namespace`, from `ray list actors`."""
+        listed = subprocess.run([str(BIN / "ray"), "list", "actors", "--address", self.dashboard_url,
+                                 "--filter", "state=ALIVE", "--filter", f"ray_namespace={namespace}",
+                                 "--format", "json"], env=self.env(), capture_output=True, text=True,
+                                check=True, timeout=120).stdout
+        # With nothing to list, the command prints a sentence instead of an empty JSON list.
+        return [actor["class_name"] for actor in json.loads(listed)] if listed.lstrip().startswith("[") else []
 
     def wait_for_job(self, job_id: str, timeout: float) -> str:
         """SUCCEEDED, FAILED or STOPPED once the job ends; TIMEOUT if it has not by `timeout`."""
@@ -145,10 +164,13 @@ def _stop_group(process: subprocess.Popen) -> None:
 
 @contextmanager
 def ray_head(num_cpus: int = 2, **settings: str) -> Iterator[RayHead]:
-    """A head with conf/serve.env's settings, as cluster.yaml starts one, and `settings` (Ray's
-    environment variables) besides. Serve's replicas and proxies here drain for (almost) no
-    minimum period on shutdown: with HAProxy on, Ray holds each 30 s for load balancers to
-    notice, and nothing balances load in front of a test's cluster."""
+    """A head with token auth and conf/serve.env's settings, as cluster.yaml starts one, and
+    `settings` (Ray's environment variables) besides. The token is made once, as a user makes
+    it: `ray start --head` turns token auth on only where ~/.ray/auth_token exists, and with
+    RAY_AUTH_MODE=token it refuses to start without one. Serve's replicas and proxies here drain
+    for (almost) no minimum period on shutdown: with HAProxy on, Ray holds each 30 s for load
+    balancers to notice, and nothing balances load in front of a test's cluster."""
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], capture_output=True, check=True, timeout=120)
     ports = free_ports(10)
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     command = [
@@ -160,7 +182,8 @@ def ray_head(num_cpus: int = 2, **settings: str) -> Iterator[RayHead]:
         f"--node-manager-port={ports[6]}", f"--object-manager-port={ports[7]}",
         f"--ray-client-server-port={ports[8]}",
     ]
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **serving_env(),
+    env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+               **serving_env(),
                RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="0", RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S="0.1",
                **settings)
     log = open(Path(temp_dir) / "head.log", "w")  # noqa: SIM115 - lives as long as the head

@@ -7,7 +7,6 @@ import subprocess
 
 import numpy as np
 import pytest
-import ray
 import torch
 
 from emotion.checkpoint import load_checkpoint, save_checkpoint
@@ -130,28 +129,21 @@ def train(tmp_path, env: dict[str, str], *extra: str) -> subprocess.CompletedPro
     return run_job("train", *student_flags(tmp_path, *extra), env=env)
 
 
-def refusal(capsys, tmp_path, *extra: str) -> str:
-    """The last line `python -m jobs.train` prints when it refuses its flags, run in this process."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:
-        train_job.main(student_flags(tmp_path, *extra))
-    assert exit_.value.code == 2
-    assert not ray.is_initialized()
-    return capsys.readouterr().err.strip().splitlines()[-1]
+def test_a_bad_distillation_flag_is_one_line_before_any_work(tmp_path, refuse):
+    def refusal(*extra: str) -> str:
+        return refuse(train_job.main, *student_flags(tmp_path, *extra))
 
-
-def test_a_bad_distillation_flag_is_one_line_before_any_work(tmp_path, capsys):
     synthetic_faces(tmp_path / "train", per_class=2)
-    assert refusal(capsys, tmp_path, "--distillation", json.dumps(
+    assert refusal("--distillation", json.dumps(
         {"teacher": str(tmp_path / "nope.pt"), "weight": 0.5, "temperature": 2})) == (
         f"python -m jobs.train: error: --distillation: {tmp_path / 'nope.pt'}: no such checkpoint file")
     assert not (tmp_path / "runs").exists()
     save_checkpoint(tiny_checkpoint(), tmp_path / "teacher.pt")
-    assert refusal(capsys, tmp_path, "--distillation", json.dumps(
+    assert refusal("--distillation", json.dumps(
         {"teacher": str(tmp_path / "teacher.pt"), "weight": 0.5, "temperature": 2, "sha256": "0" * 64})).startswith(
         f"python -m jobs.train: error: --distillation: {tmp_path / 'teacher.pt'} is not the teacher this run was "
         "given: its sha256 is ")
-    assert refusal(capsys, tmp_path, "--input-size", "64", "--distillation", json.dumps(
+    assert refusal("--input-size", "64", "--distillation", json.dumps(
         {"teacher": str(tmp_path / "teacher.pt"), "weight": 0.5, "temperature": 2})) == (
         "python -m jobs.train: error: --distillation: teacher takes 1x48x48, the student 1x64x64")
 

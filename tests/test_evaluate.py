@@ -119,22 +119,6 @@ def expected_truth(path: str) -> str | None:
 # ---------------------------------------------------------------- fail fast, before Ray starts
 
 
-@pytest.fixture
-def refusal(capsys):
-    """What `python -m jobs.evaluate ARGS...` says on stderr when it refuses (exit 2), from its
-    `main` in this process: the refusals end before Ray starts."""
-    def refuse(*args: str) -> str:
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exit_:
-            evaluate.main(list(args))
-        assert exit_.value.code == 2
-        assert not ray.is_initialized()
-        out = capsys.readouterr()
-        assert "Ray" not in out.out + out.err
-        return out.err
-    return refuse
-
-
 @pytest.mark.parametrize(
     ("layout", "message"),
     [
@@ -145,7 +129,7 @@ def refusal(capsys):
         ("no_name", "expected NAME=PATH_OR_S3"),
     ],
 )
-def test_unusable_set_fails_at_once_with_one_line(tmp_path, tiny_checkpoint_path, refusal, layout, message):
+def test_unusable_set_fails_at_once_with_one_line(tmp_path, tiny_checkpoint_path, refuse, layout, message):
     folder = tmp_path / "set"
     if layout == "flat":
         folder.mkdir()
@@ -158,34 +142,33 @@ def test_unusable_set_fails_at_once_with_one_line(tmp_path, tiny_checkpoint_path
         (folder / "contempt" / "a.jpg").write_bytes(jpeg())
     spec = str(folder) if layout == "no_name" else f"ck={folder}"
     started = time.monotonic()
-    lines = refusal("--input", spec, "--output", str(tmp_path / "out"), "--model", str(tiny_checkpoint_path))
-    lines = lines.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: --input {'' if layout == 'no_name' else 'ck='}")
-    assert message in lines[0]
+    line = refuse(evaluate.main, "--input", spec, "--output", str(tmp_path / "out"),
+                  "--model", str(tiny_checkpoint_path))
+    assert line.startswith(f"error: --input {'' if layout == 'no_name' else 'ck='}") and message in line
     assert not (tmp_path / "out").exists()
     assert time.monotonic() - started < 60
 
 
-def test_onnxruntime_with_bf16_fails_before_any_work(tmp_path, tiny_checkpoint_path, refusal):
-    stderr = refusal("--input", f"ck={tmp_path / 'set'}", "--output", str(tmp_path / "out"),
-                     "--model", str(tiny_checkpoint_path), "--backend", "onnxruntime", "--precision", "bf16")
-    assert stderr.strip() == ("error: --backend onnxruntime runs float32 or int8: --precision bf16 is not "
-                                     "possible (use auto, fp32 or int8)")
+def test_onnxruntime_with_bf16_fails_before_any_work(tmp_path, tiny_checkpoint_path, refuse):
+    stderr = refuse(evaluate.main, "--input", f"ck={tmp_path / 'set'}", "--output", str(tmp_path / "out"),
+                    "--model", str(tiny_checkpoint_path), "--backend", "onnxruntime", "--precision", "bf16")
+    assert stderr == ("error: --backend onnxruntime runs float32 or int8: --precision bf16 is not possible "
+                      "(use auto, fp32 or int8)")
     assert not (tmp_path / "out").exists()
 
 
-def test_duplicate_set_names_fail_before_any_listing(tmp_path, tiny_checkpoint_path, refusal):
-    stderr = refusal("--input", "a=/nonexistent/one", "--input", "a=/nonexistent/two",
-                     "--output", str(tmp_path / "out"), "--model", str(tiny_checkpoint_path))
-    assert stderr.strip() == "error: --input: set names must be unique, got a, a"
+def test_duplicate_set_names_fail_before_any_listing(tmp_path, tiny_checkpoint_path, refuse):
+    stderr = refuse(evaluate.main, "--input", "a=/nonexistent/one", "--input", "a=/nonexistent/two",
+                    "--output", str(tmp_path / "out"), "--model", str(tiny_checkpoint_path))
+    assert stderr == "error: --input: set names must be unique, got a, a"
 
 
-def test_missing_baseline_fails_before_any_work(tmp_path, tiny_checkpoint_path, refusal):
+def test_missing_baseline_fails_before_any_work(tmp_path, tiny_checkpoint_path, refuse):
     (tmp_path / "set" / "happy").mkdir(parents=True)
     (tmp_path / "set" / "happy" / "a.jpg").write_bytes(jpeg())
-    stderr = refusal("--input", f"s={tmp_path / 'set'}", "--output", str(tmp_path / "out"),
-                     "--model", str(tiny_checkpoint_path), "--baseline", str(tmp_path / "nope.json"))
-    assert stderr.strip() == f"error: --baseline {tmp_path / 'nope.json'}: no such file"
+    stderr = refuse(evaluate.main, "--input", f"s={tmp_path / 'set'}", "--output", str(tmp_path / "out"),
+                    "--model", str(tiny_checkpoint_path), "--baseline", str(tmp_path / "nope.json"))
+    assert stderr == f"error: --baseline {tmp_path / 'nope.json'}: no such file"
 
 
 # ---------------------------------------------------------------- in-process runs on a local Ray

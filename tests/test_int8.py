@@ -3,9 +3,6 @@ checkpoint refuses a graph made from other weights, and the Predictor runs it wi
 or with auto where a timed batch shows it clearly faster, in batches of any size."""
 
 import dataclasses
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +14,8 @@ from emotion.portable import OnnxNetwork, read_metadata
 from emotion.predictor import Predictor
 from jobs import quantize
 from tests.conftest import tiny_checkpoint, with_int8_graph
+from tests.services import ROOT, run_job
 
-ROOT = Path(__file__).resolve().parent.parent
 FACES = ROOT / "examples" / "faces"
 
 
@@ -31,10 +28,10 @@ def tiny_int8():
     return with_int8_graph(tiny_checkpoint())
 
 
-def test_quantize_writes_a_checkpoint_carrying_its_int8_graph(tmp_path, capsys):
+def test_quantize_writes_a_checkpoint_carrying_its_int8_graph(tmp_path, refuse):
     out = tmp_path / "int8.pt"
-    command = [sys.executable, "-m", "jobs.quantize", "--calibration", str(FACES), "--output", str(out)]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    args = ["--calibration", str(FACES), "--output", str(out)]
+    done = run_job("quantize", *args)
     assert done.returncode == 0, done.stderr
     assert "int8, calibrated on 28 faces; float32's top class kept for" in done.stdout
     source, written = load_checkpoint(), load_checkpoint(out)
@@ -43,12 +40,11 @@ def test_quantize_writes_a_checkpoint_carrying_its_int8_graph(tmp_path, capsys):
     assert written.describe()["int8_graph_bytes"] == len(written.int8_graph) > 0
     assert written.temperature == source.temperature and written.labels == source.labels
     assert all(torch.equal(written.state_dict[k], v) for k, v in source.state_dict.items())
-    assert quantize.main(command[3:]) == 2, "the same command again, in this process"
-    assert "exists: pass --overwrite" in capsys.readouterr().err
+    assert "exists: pass --overwrite" in refuse(quantize.main, *args), "the same command again, in this process"
 
 
 def test_quantize_refuses_bad_flags_in_one_line_and_never_overwrites_its_model(tmp_path, tiny_checkpoint_path,
-                                                                              capsys):
+                                                                              refuse):
     (tmp_path / "empty").mkdir()
     embedded = DEFAULT_CHECKPOINT.read_bytes()
     base = ["--model", str(tiny_checkpoint_path)]
@@ -62,9 +58,7 @@ def test_quantize_refuses_bad_flags_in_one_line_and_never_overwrites_its_model(t
         (["--model", str(tmp_path / "nope.pt"), "--calibration", str(FACES), "--output", str(tmp_path / "x.pt")],
          "no such checkpoint file"),
     ]:
-        code = quantize.main([*base, *flags])
-        err = capsys.readouterr().err
-        assert code == 2 and message in err and err.count("\n") == 1, (flags, err)
+        assert message in refuse(quantize.main, *base, *flags), flags
     assert not (tmp_path / "x.pt").exists()
     assert DEFAULT_CHECKPOINT.read_bytes() == embedded
 

@@ -3,9 +3,6 @@ size runs, and the probabilities match PyTorch's float32 path, mirroring and tem
 An int8 export is quantized, keeps the facts and mostly the answers, and refuses bad flags."""
 
 import dataclasses
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -20,8 +17,7 @@ from emotion.predictor import Predictor
 from jobs import export
 from jobs.export import calibration_faces
 from tests.conftest import tiny_checkpoint
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.services import ROOT, run_job
 
 
 def faces(n: int, seed: int = 0) -> np.ndarray:
@@ -76,37 +72,24 @@ def test_backend_choices_are_checked():
         Predictor(tiny_checkpoint(), backend="onnxruntime", precision="bf16")
 
 
-def exported(capsys, *args: str) -> tuple[int, str]:
-    """`python -m jobs.export ARGS...`'s exit code and stderr, from its `main` in this process."""
-    capsys.readouterr()
-    try:
-        code = export.main(list(args))
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr().err
-
-
-def test_export_command_checks_parity_writes_and_never_replaces_silently(tmp_path, capsys):
+def test_export_command_checks_parity_writes_and_never_replaces_silently(tmp_path, refuse):
     model = tmp_path / "tiny.pt"
     save_checkpoint(dataclasses.replace(tiny_checkpoint(), temperature=1.7), model)
     out = tmp_path / "tiny.onnx"
-    command = [sys.executable, "-m", "jobs.export", "--model", str(model), "--output", str(out)]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    args = ["--model", str(model), "--output", str(out)]
+    done = run_job("export", *args)
     assert done.returncode == 0, done.stderr
     assert "max |logit difference| against PyTorch float32" in done.stdout
     assert read_metadata(out.read_bytes())["temperature"] == 1.7
-    code, stderr = exported(capsys, *command[3:])
-    assert code == 2 and "exists: pass --overwrite" in stderr
-    assert exported(capsys, *command[3:], "--overwrite")[0] == 0
-    code, stderr = exported(capsys, "--model", str(tmp_path / "nope.pt"), "--output", str(tmp_path / "x.onnx"))
-    assert code == 2 and stderr.startswith("error:") and stderr.count("\n") == 1
+    assert "exists: pass --overwrite" in refuse(export.main, *args)
+    assert export.main([*args, "--overwrite"]) == 0, "in this process"
+    assert refuse(export.main, "--model", str(tmp_path / "nope.pt"), "--output", str(tmp_path / "x.onnx")).startswith(
+        "error:")
 
 
 def test_int8_export_quantizes_the_graph_and_keeps_its_facts_and_answers(tmp_path, default_graph):
     out = tmp_path / "int8.onnx"
-    command = [sys.executable, "-m", "jobs.export", "--output", str(out), "--int8", "--calibration",
-               str(ROOT / "examples" / "faces")]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    done = run_job("export", "--output", str(out), "--int8", "--calibration", str(ROOT / "examples" / "faces"))
     assert done.returncode == 0, done.stderr
     assert "int8, calibrated on 28 faces" in done.stdout
     graph = out.read_bytes()
@@ -134,7 +117,7 @@ def test_calibration_draws_on_the_whole_folder(tmp_path):
     assert len(faces) == 8 and shades == {10, 100, 200}
 
 
-def test_int8_flags_and_calibration_folders_are_refused_in_one_line(tmp_path, capsys):
+def test_int8_flags_and_calibration_folders_are_refused_in_one_line(tmp_path, refuse):
     (tmp_path / "faces").mkdir()
     (tmp_path / "faces" / "a.png").write_bytes(b"not an image")
     (tmp_path / "empty").mkdir()
@@ -148,8 +131,7 @@ def test_int8_flags_and_calibration_folders_are_refused_in_one_line(tmp_path, ca
         (["--int8", "--calibration", str(tmp_path / "empty")], "no image files under it"),
         (["--int8", "--calibration", str(tmp_path / "nowhere")], "nowhere: not found"),
     ]:
-        code, stderr = exported(capsys, *base, *flags)
-        assert code == 2 and message in stderr and stderr.count("\n") == 1, (flags, stderr)
+        assert message in refuse(export.main, *base, *flags), flags
     assert not (tmp_path / "x.onnx").exists()
 
 
@@ -162,15 +144,15 @@ def always(label: int):
     return dataclasses.replace(checkpoint, state_dict=state)
 
 
-def test_an_int8_graph_that_changes_the_answers_is_not_written(tmp_path, monkeypatch, capsys):
+def test_an_int8_graph_that_changes_the_answers_is_not_written(tmp_path, monkeypatch, refuse):
     model = tmp_path / "happy.pt"
     save_checkpoint(always(LABELS.index("happy")), model)
     monkeypatch.setattr(export, "quantized_bytes", lambda graph, faces: export_bytes(always(LABELS.index("sad"))))
     out = tmp_path / "x.onnx"
-    code = export.main(["--model", str(model), "--output", str(out), "--int8",
-                        "--calibration", str(ROOT / "examples" / "faces")])
-    assert code == 1 and not out.exists()
-    assert "keeps float32's top class for 0.0% of the 28 calibration faces" in capsys.readouterr().err
+    line = refuse(export.main, "--model", str(model), "--output", str(out), "--int8",
+                  "--calibration", str(ROOT / "examples" / "faces"), code=1)
+    assert "keeps float32's top class for 0.0% of the 28 calibration faces" in line
+    assert not out.exists()
 
 
 def test_int8_quantization_calibrates_and_compares_over_several_batches():

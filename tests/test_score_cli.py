@@ -2,12 +2,10 @@
 
 import json
 import subprocess
-import sys
 import time
 from dataclasses import asdict
 
 import pytest
-import ray
 
 from emotion.checkpoint import save_checkpoint
 from emotion.uris import absolute_uri
@@ -16,14 +14,11 @@ from jobs.output import RUN_RECORD, run_record
 from jobs.pipeline import face_settings
 from tests.conftest import file_sha256, tiny_checkpoint
 from tests.images import jpeg
-
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+from tests.services import run_job
 
 
 def score(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "jobs.score", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
+    return run_job("score", *args, timeout=120)
 
 
 @pytest.fixture
@@ -58,20 +53,16 @@ def faces(tmp_path):
          "error: --precision int8: the model carries no int8 graph (python -m jobs.quantize makes one)"),
     ],
 )
-def test_bad_flags_fail_fast_with_one_line(tmp_path, faces, tiny_checkpoint_path, capsys, args, message):
+def test_bad_flags_fail_fast_with_one_line(tmp_path, faces, tiny_checkpoint_path, refuse, args, message):
     """In this process, so that a dozen refusals do not each pay for a Python start: the other
     tests here run the command itself and see that nothing else reaches stderr."""
     base = {"--input": str(faces), "--output": str(tmp_path / "out"), "--model": str(tiny_checkpoint_path)}
     for flag, value in zip(args[::2], args[1::2], strict=True):
         base[flag] = value
     started = time.monotonic()
-    with pytest.raises(SystemExit) as exit_:
-        score_job.main([x for kv in base.items() for x in kv])
-    assert exit_.value.code == 2
-    assert capsys.readouterr().err.strip() == message
+    assert refuse(score_job.main, *[x for kv in base.items() for x in kv]) == message
     assert time.monotonic() - started < 30
     assert not (tmp_path / "out").exists()
-    assert not ray.is_initialized(), "refused before Ray starts"
 
 
 def test_empty_input_folder(tmp_path):

@@ -249,7 +249,7 @@ def test_a_cut_short_file_is_removed_and_a_foreign_one_refused_and_kept(tmp_path
     assert list(_output_rows(job)["path"]) == ["one"] and not (tmp_path / "c.parquet").exists()
 
 
-def test_bad_face_settings_are_one_line_before_any_work(tmp_path, capsys):
+def test_bad_face_settings_are_one_line_before_any_work(tmp_path, refuse):
     """The jobs' `main` in this process: each refuses before Ray starts."""
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jpg").write_bytes((FACES / "happy/PublicTest_10130075.jpg").read_bytes())
@@ -261,17 +261,11 @@ def test_bad_face_settings_are_one_line_before_any_work(tmp_path, capsys):
                                                          "dlib_hog: ",
     }
     for flags, message in cases.items():
-        with pytest.raises(SystemExit) as exit_:
-            score_job.main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), *flags])
-        stderr = capsys.readouterr().err
-        assert exit_.value.code == 2 and len(stderr.strip().splitlines()) == 1, stderr
-        assert stderr.strip().startswith(message), stderr
+        line = refuse(score_job.main, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), *flags)
+        assert line.startswith(message), line
         assert not (tmp_path / "out").exists()
-    with pytest.raises(SystemExit) as exit_:
-        evaluate.main(["--input", f"s:sideways={tmp_path}", "--output", str(tmp_path / "out")])
-    assert exit_.value.code == 2
-    assert capsys.readouterr().err.strip() == (f"error: --input s:sideways={tmp_path}: faces mode sideways: expected "
-                                               "one of whole, detect, auto")
+    assert refuse(evaluate.main, "--input", f"s:sideways={tmp_path}", "--output", str(tmp_path / "out")) == (
+        f"error: --input s:sideways={tmp_path}: faces mode sideways: expected one of whole, detect, auto")
 
 
 # ---------------------------------------------------------------- evaluation

@@ -200,8 +200,7 @@ def deployed(cluster, config: dict, folder: Path) -> Iterator[str]:
         wait_ready(url)
         yield url
     finally:
-        subprocess.run([str(BIN / "serve"), "shutdown", "-y", "--address", cluster.dashboard_url],
-                       env=cluster.env(), capture_output=True, timeout=120)
+        cluster.shut_down_serve()
 
 
 @pytest.fixture(scope="module")

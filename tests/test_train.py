@@ -84,7 +84,7 @@ def read_csv(path) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow
-def test_an_interrupted_run_resumes_at_its_next_epoch_and_matches_an_uninterrupted_one(tmp_path, monkeypatch, capsys,
+def test_an_interrupted_run_resumes_at_its_next_epoch_and_matches_an_uninterrupted_one(tmp_path, monkeypatch, refuse,
                                                                                       job_env, straight):
     """The two halves are logged to MLflow as one run, with the recipe, every epoch and the model.
     The refusals run `main` in this process: they end before Ray starts."""
@@ -100,20 +100,15 @@ def test_an_interrupted_run_resumes_at_its_next_epoch_and_matches_an_uninterrupt
     def train(*extra: str) -> subprocess.CompletedProcess:
         return run_job("train", *flags(*extra), env=job_env)
 
-    def refusal(*extra: str) -> str:
-        capsys.readouterr()
-        assert train_job.main(flags(*extra)) == 2
-        assert not ray.is_initialized()
-        return capsys.readouterr().err
-
     first = train("--epochs-this-run", "1")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "stopped after epoch 1 of 3" in first.stdout
     metrics = tmp_path / "model.metrics.csv"
     assert [row["epoch"] for row in read_csv(metrics)] == ["1"]
 
-    assert "pass --resume to continue it" in refusal()
-    assert refusal("--lr", "0.1", "--resume") == "error: --resume: cannot resume under a different recipe: lr changed\n"
+    assert "pass --resume to continue it" in refuse(train_job.main, *flags())
+    assert refuse(train_job.main, *flags("--lr", "0.1", "--resume")) == ("error: --resume: cannot resume under a "
+                                                                         "different recipe: lr changed")
 
     resumed = train("--resume")
     log = resumed.stdout + resumed.stderr

@@ -6,7 +6,6 @@ so these tests check the values users get, not values picked to make a test pass
 
 import asyncio
 import io
-import subprocess
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -16,7 +15,7 @@ import yaml
 from PIL import Image
 
 from tests.images import jpeg
-from tests.services import BIN, ROOT, free_port
+from tests.services import ROOT, free_port
 from tests.test_serve import deploy, wait_ready
 
 pytestmark = pytest.mark.slow
@@ -41,8 +40,7 @@ def endpoint(ray_cluster, tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     wait_ready(url)
     yield url
-    subprocess.run([str(BIN / "serve"), "shutdown", "-y", "--address", ray_cluster.dashboard_url],
-                   env=ray_cluster.env(), capture_output=True, timeout=120)
+    ray_cluster.shut_down_serve()
 
 
 def flat_png(width: int, height: int) -> bytes:

@@ -1,6 +1,6 @@
-"""The ONNX Runtime backend and int8 through the scoring job end to end: the same folder scored by a
-real local Ray with `--backend onnxruntime`, with `--precision int8` (the embedded model's int8
-graph) and with `--backend torch --precision fp32`, over several blocks and inference batches: the
+"""The ONNX Runtime backend and int8 through the scoring job end to end: the same folder scored on
+the session's Ray head with `--backend onnxruntime`, with `--precision int8` (the embedded model's
+int8 graph) and with `--backend torch --precision fp32`, over several blocks and inference batches: the
 float32 backends give the same labels and probabilities, int8 nearly the same labels, and each
 manifest records the backend and precision that produced its rows."""
 

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,8 +88,9 @@ class RayHead:
 
     def shut_down_serve(self, timeout: float = 120) -> None:
         """`serve shutdown`, then wait until Serve's actors are gone. The command returns once
-        the request is sent (and exits 0 even when it fails), while a replica still holding
-        CPUs would stall a later job that asks for all of them."""
+        the request is sent, and exits 0 even where it could not send it (it logs the error),
+        so the wait is the check; a replica still holding CPUs would stall a later job that
+        asks for all of them."""
         subprocess.run([str(BIN / "serve"), "shutdown", "-y", "--address", self.dashboard_url], env=self.env(),
                        capture_output=True, check=True, timeout=timeout)
         deadline = time.monotonic() + timeout
@@ -118,7 +119,7 @@ class RayHead:
         return "TIMEOUT"
 
 
-def run_job(module: str, *args: str, env: dict[str, str] | None = None,
+def run_job(module: str, *args: str, env: Mapping[str, str] | None = None,
             timeout: float = 600) -> subprocess.CompletedProcess:
     """`python -m jobs.MODULE ARGS...` from the project root, as a user runs it; `env` (the
     `job_env` fixture's, say) joins it to a running cluster, where without RAY_ADDRESS it starts

@@ -4,6 +4,7 @@ its teacher."""
 import dataclasses
 import json
 import subprocess
+from collections.abc import Mapping
 
 import numpy as np
 import pytest
@@ -125,13 +126,13 @@ def student_flags(tmp_path, *extra: str) -> list[str]:
             "--val-fraction", "0.25", "--storage", str(tmp_path / "runs"), "--name", "student", *extra]
 
 
-def train(tmp_path, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess:
+def train(tmp_path, env: Mapping[str, str], *extra: str) -> subprocess.CompletedProcess:
     return run_job("train", *student_flags(tmp_path, *extra), env=env)
 
 
 def test_a_bad_distillation_flag_is_one_line_before_any_work(tmp_path, refuse):
     def refusal(*extra: str) -> str:
-        return refuse(train_job.main, *student_flags(tmp_path, *extra))
+        return refuse(train_job.main, *student_flags(tmp_path, *extra), usage=True)
 
     synthetic_faces(tmp_path / "train", per_class=2)
     assert refusal("--distillation", json.dumps(

@@ -28,7 +28,7 @@ def tiny_int8():
     return with_int8_graph(tiny_checkpoint())
 
 
-def test_quantize_writes_a_checkpoint_carrying_its_int8_graph(tmp_path, refuse):
+def test_quantize_writes_a_checkpoint_carrying_its_int8_graph(tmp_path):
     out = tmp_path / "int8.pt"
     args = ["--calibration", str(FACES), "--output", str(out)]
     done = run_job("quantize", *args)
@@ -40,7 +40,9 @@ def test_quantize_writes_a_checkpoint_carrying_its_int8_graph(tmp_path, refuse):
     assert written.describe()["int8_graph_bytes"] == len(written.int8_graph) > 0
     assert written.temperature == source.temperature and written.labels == source.labels
     assert all(torch.equal(written.state_dict[k], v) for k, v in source.state_dict.items())
-    assert "exists: pass --overwrite" in refuse(quantize.main, *args), "the same command again, in this process"
+    again = run_job("quantize", *args)
+    assert again.returncode == 2 and again.stdout == "", again.stdout
+    assert again.stderr.endswith(f"{out} exists: pass --overwrite to replace it\n") and again.stderr.count("\n") == 1
 
 
 def test_quantize_refuses_bad_flags_in_one_line_and_never_overwrites_its_model(tmp_path, tiny_checkpoint_path,

@@ -81,7 +81,9 @@ def test_export_command_checks_parity_writes_and_never_replaces_silently(tmp_pat
     assert done.returncode == 0, done.stderr
     assert "max |logit difference| against PyTorch float32" in done.stdout
     assert read_metadata(out.read_bytes())["temperature"] == 1.7
-    assert "exists: pass --overwrite" in refuse(export.main, *args)
+    again = run_job("export", *args)
+    assert again.returncode == 2 and again.stdout == "", again.stdout
+    assert again.stderr.endswith(f"{out} exists: pass --overwrite to replace it\n") and again.stderr.count("\n") == 1
     assert export.main([*args, "--overwrite"]) == 0, "in this process"
     assert refuse(export.main, "--model", str(tmp_path / "nope.pt"), "--output", str(tmp_path / "x.onnx")).startswith(
         "error:")

@@ -37,10 +37,12 @@ def endpoint(ray_cluster, tmp_path_factory):
     app["deployments"][0].update(autoscaling_config={"min_replicas": 1, "max_replicas": 1},
                                  ray_actor_options={"num_cpus": 0.5})
     deploy(ray_cluster, config, tmp_path_factory.mktemp("endpoint") / "serve.yaml")
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(url)
-    yield url
-    ray_cluster.shut_down_serve()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url)
+        yield url
+    finally:
+        ray_cluster.shut_down_serve()
 
 
 def flat_png(width: int, height: int) -> bytes:

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import s3fs
 
 from emotion.checkpoint import save_checkpoint
 from jobs import score as score_job
@@ -111,7 +112,9 @@ def test_overwrite_removes_only_the_previous_runs_files_and_resume_must_match(tm
     assert len(snapshot(photos)) == 6
 
 
-def test_s3_output_overlapping_the_input_is_refused(s3, models, refuse, monkeypatch):
+def test_s3_output_overlapping_the_input_is_refused(s3, models, refuse, monkeypatch, request):
+    # The refusals list S3 in this process: drop the filesystems (and listings) they cache.
+    request.addfinalizer(s3fs.S3FileSystem.clear_instance_cache)
     client = s3.client()
     client.create_bucket(Bucket="overlap")
     for i in range(3):

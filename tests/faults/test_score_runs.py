@@ -100,11 +100,14 @@ def test_driver_killed_at_a_random_point_resumes_exactly_once(ray_cluster, tmp_p
     args = ["python", "-m", "jobs.score", "--input", str(folder), "--output", str(out), "--model", str(model_path),
             "--batch-size", "100", "--files-per-block", "200", "--rows-per-file", "200"]
     job_id = ray_cluster.start_job(*args)
-    wait_for_rows(out, timeout=300)
-    delay = random.Random().uniform(0, 2)
-    print(f"stopping the driver {delay:.2f} s after its first Parquet file")
-    time.sleep(delay)
-    ray_cluster.job_command("stop", job_id)
+    try:
+        wait_for_rows(out, timeout=300)
+        delay = random.Random().uniform(0, 2)
+        print(f"stopping the driver {delay:.2f} s after its first Parquet file")
+        time.sleep(delay)
+    finally:
+        # Stopped whatever happens: a job left running on the shared head holds its CPUs.
+        ray_cluster.job_command("stop", job_id)
     assert not (out / "_manifest.json").exists(), "the job was stopped before the end"
     partial = rows_written(out)
     assert 0 < partial < 10000, "rows reached storage during the run, not only at its end"

@@ -117,6 +117,11 @@ def refuse(capsys, caplog) -> Callable[..., str]:
                 returned = main(list(args))
             except SystemExit as exit_:
                 returned = exit_.code
+            finally:
+                # A job's main may export settings (AWS_ENDPOINT_URL) as its process's own; here
+                # they would reach later tests.
+                os.environ.clear()
+                os.environ.update(environment)
         out = capsys.readouterr()
         assert returned == code, (returned, out.err)
         assert not ray.is_initialized(), "refused before Ray starts"
@@ -124,10 +129,6 @@ def refuse(capsys, caplog) -> Callable[..., str]:
         assert not caplog.records, [record.getMessage() for record in caplog.records]
         shown = [str(w.message) for w in caught if not issubclass(w.category, UNSHOWN_WARNINGS)]
         assert not shown, shown
-        # A job's main may export settings (AWS_ENDPOINT_URL) as its process's own; here they
-        # would reach later tests.
-        os.environ.clear()
-        os.environ.update(environment)
         *before, line = out.err.splitlines()
         if usage:
             assert before and before[0].startswith("usage: ") and all(b.startswith(" ") for b in before[1:]), out.err

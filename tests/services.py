@@ -128,6 +128,15 @@ def run_job(module: str, *args: str, env: Mapping[str, str] | None = None,
                           text=True, timeout=timeout, env=env)
 
 
+def command_refusal(module: str, *args: str, env: Mapping[str, str] | None = None) -> str:
+    """The one line `python -m jobs.MODULE ARGS...` prints on stderr as it refuses (exit 2), with
+    nothing on stdout: what its import and interpreter print is seen here, unlike in-process."""
+    refused = run_job(module, *args, env=env)
+    assert (refused.returncode, refused.stdout) == (2, ""), refused.stdout + refused.stderr
+    assert refused.stderr.endswith("\n") and refused.stderr.count("\n") == 1, refused.stderr
+    return refused.stderr.strip()
+
+
 def rows_written(folder: Path) -> int:
     """Rows in the Parquet files of a running (or stopped) job's `folder` that are whole.
 

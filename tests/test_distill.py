@@ -18,7 +18,7 @@ from emotion.training.distill import Distillation, Teacher, distillation_loss, l
 from jobs import train as train_job
 from jobs.train import parse_args
 from tests.conftest import file_sha256, splitting_margin, tiny_checkpoint
-from tests.services import run_job
+from tests.services import command_refusal, run_job
 from tests.test_score_faces import always
 from tests.test_train import synthetic_faces
 
@@ -174,10 +174,8 @@ def test_a_student_taught_only_by_its_teacher_learns_the_teachers_answer(tmp_pat
 
     delivered = (tmp_path / "student.pt").read_bytes()
     save_checkpoint(tiny_checkpoint(seed=1), tmp_path / "teacher.pt")
-    resumed = train(tmp_path, job_env, "--distillation", setting, "--resume")
-    assert resumed.returncode == 2
-    # One line, before Ray starts.
-    assert resumed.stderr == "error: --resume: cannot resume under a different recipe: distillation changed\n"
+    assert command_refusal("train", *student_flags(tmp_path, "--distillation", setting, "--resume"), env=job_env) == (
+        "error: --resume: cannot resume under a different recipe: distillation changed")
     assert (tmp_path / "student.pt").read_bytes() == delivered, "the run's checkpoint is kept"
 
     (tmp_path / "runs").rename(tmp_path / "taught-runs")

@@ -33,7 +33,7 @@ from emotion.preprocess import normalize
 from jobs import evaluate
 from tests.conftest import file_sha256, require_fer2013, tiny_checkpoint
 from tests.images import jpeg
-from tests.services import run_job
+from tests.services import command_refusal
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -160,10 +160,9 @@ def test_onnxruntime_with_bf16_fails_before_any_work(tmp_path, tiny_checkpoint_p
 
 def test_duplicate_set_names_fail_before_any_listing(tmp_path, tiny_checkpoint_path):
     """As a command: nothing else its import or interpreter prints reaches the terminal."""
-    refused = run_job("evaluate", "--input", "a=/nonexistent/one", "--input", "a=/nonexistent/two",
-                      "--output", str(tmp_path / "out"), "--model", str(tiny_checkpoint_path))
-    assert (refused.returncode, refused.stdout) == (2, "")
-    assert refused.stderr == "error: --input: set names must be unique, got a, a\n"
+    assert command_refusal("evaluate", "--input", "a=/nonexistent/one", "--input", "a=/nonexistent/two",
+                           "--output", str(tmp_path / "out"), "--model", str(tiny_checkpoint_path)) == (
+        "error: --input: set names must be unique, got a, a")
 
 
 def test_missing_baseline_fails_before_any_work(tmp_path, tiny_checkpoint_path, refuse):

@@ -17,7 +17,7 @@ from emotion.predictor import Predictor
 from jobs import export
 from jobs.export import calibration_faces
 from tests.conftest import tiny_checkpoint
-from tests.services import ROOT, run_job
+from tests.services import ROOT, command_refusal, run_job
 
 
 def faces(n: int, seed: int = 0) -> np.ndarray:
@@ -81,9 +81,7 @@ def test_export_command_checks_parity_writes_and_never_replaces_silently(tmp_pat
     assert done.returncode == 0, done.stderr
     assert "max |logit difference| against PyTorch float32" in done.stdout
     assert read_metadata(out.read_bytes())["temperature"] == 1.7
-    again = run_job("export", *args)
-    assert again.returncode == 2 and again.stdout == "", again.stdout
-    assert again.stderr.endswith(f"{out} exists: pass --overwrite to replace it\n") and again.stderr.count("\n") == 1
+    assert command_refusal("export", *args) == f"error: --output {out} exists: pass --overwrite to replace it"
     assert export.main([*args, "--overwrite"]) == 0, "in this process"
     assert refuse(export.main, "--model", str(tmp_path / "nope.pt"), "--output", str(tmp_path / "x.onnx")).startswith(
         "error:")

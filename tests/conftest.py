@@ -107,6 +107,8 @@ def refuse(capsys, caplog) -> Callable[..., str]:
     environment is put back as it was. Each job keeps one refusal run as a command as well, for
     what its import and interpreter print."""
     def run(main: Callable[[Sequence[str]], int | None], *args: str, code: int = 2, usage: bool = False) -> str:
+        # What earlier tests left for the collector (an unclosed client, an unawaited coroutine)
+        # would otherwise warn while the job runs, as if the job had.
         gc.collect()
         capsys.readouterr()
         caplog.clear()

@@ -225,14 +225,22 @@ def _waiting_work() -> str:
     return f"{waiting}; free {free} of {total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs"
 
 
+# Seconds a stalled driver has to stop once interrupted before it is ended outright. The
+# interrupt reaches the main thread only when it next runs Python code: held in native code, or in
+# Ray's shutdown as it exits, the driver would hang past the stall it has just reported.
+STOP_GRACE = 60.0
+
+
 class Progress:
     """The driver's watch over a run: a log line every `interval` seconds (files done, images/s,
     ETA) and, when no row is scored for `stall_timeout` seconds while work remains, a failure
-    naming what Ray reports as waiting, instead of a job that hangs unnoticed."""
+    naming what Ray reports as waiting, instead of a job that hangs unnoticed. A driver still
+    alive `grace` seconds after that failure exits with it regardless."""
 
-    def __init__(self, counter: Any, total: int, interval: float, stall_timeout: float) -> None:
+    def __init__(self, counter: Any, total: int, interval: float, stall_timeout: float,
+                 grace: float = STOP_GRACE) -> None:
         self.counter, self.total = counter, total
-        self.interval, self.stall_timeout = interval, stall_timeout
+        self.interval, self.stall_timeout, self.grace = interval, stall_timeout, grace
         self.stalled: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
@@ -259,8 +267,13 @@ class Progress:
             if done != last_done:
                 last_done, last_change = done, now
             elif done < self.total and now - last_change > self.stall_timeout:
-                self.stalled = (f"no row scored for {now - last_change:.0f} s with {self.total - done} of "
-                                f"{self.total} left; {_waiting_work()}")
+                left = self.total - done
+                self.stalled = f"no row scored for {now - last_change:.0f} s with {left} of {self.total} left"
+                # Armed before asking Ray what waits, which could hang as well.
+                ender = threading.Timer(self.grace, self._end_outright)
+                ender.daemon = True
+                ender.start()
+                self.stalled += f"; {_waiting_work()}"
                 log.error("stalled: %s", self.stalled)
                 _thread.interrupt_main()
                 return
@@ -270,6 +283,14 @@ class Progress:
                 eta = f"{(self.total - done) / rate:.0f} s" if rate else "unknown"
                 log.info("scored %d/%d files (%.1f%%), %.0f images/s, ETA %s",
                          done, self.total, 100 * done / self.total, rate, eta)
+
+    def _end_outright(self) -> None:
+        """Exit 1 with the stall's line, skipping the clean-up that holds the driver; the
+        cluster reclaims a dead driver's workers, and the Parquet already written resumes."""
+        sys.stderr.write(f"error: stalled: {self.stalled} (the driver did not stop within {self.grace:g} s "
+                         "of its interrupt)\n")
+        sys.stderr.flush()
+        os._exit(1)
 
 
 def _parquet_files(job: ScoreJob) -> list[str]:

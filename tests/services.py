@@ -123,9 +123,15 @@ def run_job(module: str, *args: str, env: Mapping[str, str] | None = None,
             timeout: float = 600) -> subprocess.CompletedProcess:
     """`python -m jobs.MODULE ARGS...` from the project root, as a user runs it; `env` (the
     `job_env` fixture's, say) joins it to a running cluster, where without RAY_ADDRESS it starts
-    its own local Ray."""
-    return subprocess.run([sys.executable, "-m", f"jobs.{module}", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    its own local Ray. A job still running at `timeout` fails the test with the end of what it
+    logged, which says where it waits."""
+    try:
+        return subprocess.run([sys.executable, "-m", f"jobs.{module}", *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as exc:
+        logged = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        raise AssertionError(f"jobs.{module} still running after {timeout:g} s; its log ends:\n"
+                             f"{logged[-6000:]}") from None
 
 
 def command_refusal(module: str, *args: str, env: Mapping[str, str] | None = None) -> str:

@@ -8,6 +8,7 @@ import json
 import os
 import random
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from emotion.labels import LABELS
 from jobs.pipeline import output_schema
 from tests.conftest import tiny_checkpoint
 from tests.images import jpeg
-from tests.services import rows_written, run_job, wait_for_rows
+from tests.services import ROOT, rows_written, run_job, wait_for_rows
 
 pytestmark = pytest.mark.slow
 
@@ -91,6 +92,35 @@ def test_stalled_job_fails_and_says_what_waits(tmp_path, model_path, job_env):
     assert "with 20 of 20 left" in last and "GPU" in last
     assert time.monotonic() - started < 240
     assert not (tmp_path / "out" / "_manifest.json").exists()
+
+
+HELD_DRIVER = """
+import time
+
+import ray
+
+from jobs.pipeline import ProgressCounter
+from jobs.score import Progress
+
+ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")
+with Progress(ProgressCounter.remote(5), 5, interval=1, stall_timeout=2, grace=3):
+    time.sleep(600)
+print("left the watch")
+"""
+
+
+def test_a_stalled_driver_that_does_not_stop_when_interrupted_still_fails(tmp_path):
+    # The stall's interrupt is a KeyboardInterrupt raised when the main thread next runs Python;
+    # this one waits in a native call that outlasts the grace, as a driver held in native code or
+    # in Ray's shutdown does.
+    (tmp_path / "held.py").write_text(HELD_DRIVER)
+    result = subprocess.run([sys.executable, str(tmp_path / "held.py")], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert (result.returncode, result.stdout) == (1, ""), result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: stalled: no row scored for "), result.stderr[-3000:]
+    assert "with 5 of 5 left; waiting for resources: " in last
+    assert last.endswith("(the driver did not stop within 3 s of its interrupt)")
 
 
 def test_driver_killed_at_a_random_point_resumes_exactly_once(ray_cluster, tmp_path, model_path):

@@ -105,7 +105,6 @@ from jobs.score import Progress
 ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")
 with Progress(ProgressCounter.remote(5), 5, interval=1, stall_timeout=2, grace=3):
     time.sleep(600)
-print("left the watch")
 """
 
 
